@@ -1,0 +1,28 @@
+"""The reference: Hugging Face transformers' LlamaForCausalLM in fp32, with its DynamicCache."""
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, bundle):
+        self.model = bundle.hf_model
+        self.max_context = bundle.config.max_position_embeddings
+        self.reset()
+
+    def reset(self):
+        self.cache = DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache, use_cache=True)
+        return out.logits[0, -1].float().numpy()
+
+    def prefill(self, ids):
+        self.reset()
+        return self._forward(list(ids))
+
+    def decode(self, token):
+        return self._forward([int(token)])

@@ -1,0 +1,62 @@
+"""The engine-agnostic generation loop and the comparison against the reference.
+
+Every backend exposes prefill/decode (see llmbook.backends), so one loop serves them all and the
+sampler (llmbook.sampling) sees the same logits whatever computed them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+
+class ContextError(ValueError):
+    """Prompt plus requested tokens do not fit in the backend's context."""
+
+
+def check_context(backend, n_prompt: int, max_tokens: int) -> None:
+    if n_prompt == 0:
+        raise ContextError("the prompt is empty")
+    if n_prompt + max_tokens > backend.max_context:
+        raise ContextError(
+            f"prompt of {n_prompt} tokens + {max_tokens} new tokens exceeds the context of "
+            f"{backend.max_context} tokens of backend {backend.name!r}"
+        )
+
+
+def stream(backend, ids: list[int], sample: Callable[[np.ndarray], int], max_tokens: int,
+           eos: int | None = None) -> Iterator[int]:
+    """Prefill the prompt, then yield up to max_tokens sampled tokens (stopping after eos)."""
+    check_context(backend, len(ids), max_tokens)
+    if max_tokens <= 0:
+        return
+    logits = backend.prefill(ids)
+    for i in range(max_tokens):
+        token = sample(logits)
+        yield token
+        if token == eos or i == max_tokens - 1:
+            return
+        logits = backend.decode(token)
+
+
+def greedy(backend, ids: list[int], steps: int) -> list[int]:
+    """`steps` greedy tokens, never stopping at eos (so two engines are compared on equal length)."""
+    return list(stream(backend, ids, lambda logits: int(np.argmax(logits)), steps))
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare(backend, reference, ids: list[int], steps: int = 20) -> dict:
+    """Prefill logits max |difference| and leading greedy tokens equal, backend vs reference."""
+    check_context(backend, len(ids), steps)
+    diff = float(np.max(np.abs(backend.prefill(ids) - reference.prefill(ids))))
+    match = matching_prefix(greedy(backend, ids, steps), greedy(reference, ids, steps))
+    return {"backend": backend.name, "max_abs_diff": diff, "greedy_match": match, "steps": steps}
