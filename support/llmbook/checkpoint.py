@@ -106,17 +106,22 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(found: dict[str, tuple[int, ...]], cfg: LlamaConfig) -> None:
-    """Raise CheckpointError naming missing, unexpected and wrongly shaped weights."""
-    want = expected_shapes(cfg)
-    # a tied checkpoint may still carry a copy of the head; that is harmless
-    found = {k: v for k, v in found.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")}
+    """Raise CheckpointError naming missing, unexpected and wrongly shaped Hugging Face weights."""
+    # a tied checkpoint may still carry a copy of the head, and old ones carry RoPE buffers: harmless
+    found = {k: v for k, v in found.items()
+             if not (cfg.tie_word_embeddings and k == "lm_head.weight") and not k.endswith("rotary_emb.inv_freq")}
+    require_shapes(found, expected_shapes(cfg))
+
+
+def require_shapes(found: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]) -> None:
+    """Raise CheckpointError unless `found` has exactly the names and shapes of `want`."""
     problems = []
     if missing := sorted(want.keys() - found.keys()):
         problems.append(f"missing keys: {_few(missing)}")
     if unexpected := sorted(found.keys() - want.keys()):
         problems.append(f"unexpected keys: {_few(unexpected)}")
-    bad = [f"{k} has shape {tuple(found[k])}, expected {want[k]}" for k in sorted(want.keys() & found.keys()) if tuple(found[k]) != want[k]]
+    bad = [f"{k} has shape {tuple(found[k])}, expected {tuple(want[k])}"
+           for k in sorted(want.keys() & found.keys()) if tuple(found[k]) != tuple(want[k])]
     if bad:
         problems.append(f"shape mismatch: {_few(bad)}")
     if problems:

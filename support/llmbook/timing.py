@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .device import describe
+from .generation import check_context
 
 RESULTS = Path(__file__).resolve().parents[2] / "book" / "results"
 
@@ -35,17 +36,18 @@ def prefill_seconds(backend, ids: list[int], repeats: int = 3) -> dict:
 
 
 def decode_tokens_per_s(backend, ids: list[int], tokens: int = 32, repeats: int = 3) -> dict:
-    """Greedy decode speed after a prefill of `ids` (the prefill itself is not timed)."""
-
-    def run():
-        token = int(np.argmax(backend.prefill(ids)))
+    """Greedy decode speed after one prefill of `ids` (not timed): `tokens` warm-up steps, then
+    `repeats` timed runs of `tokens` steps each."""
+    token = int(np.argmax(backend.prefill(ids)))
+    check_context(backend, len(ids), tokens * (repeats + 1))
+    rates = []
+    for run in range(repeats + 1):
         t = time.perf_counter()
         for _ in range(tokens):
             token = int(np.argmax(backend.decode(token)))
-        return tokens / (time.perf_counter() - t)
-
-    run()  # warm-up
-    return summary([run() for _ in range(repeats)])
+        if run:  # run 0 is the warm-up
+            rates.append(tokens / (time.perf_counter() - t))
+    return summary(rates)
 
 
 def record(section: str, data: dict, kind: str = "cpu") -> Path:

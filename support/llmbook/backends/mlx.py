@@ -1,0 +1,29 @@
+"""The book's own MLX Llama (chapters 1-3) behind the backend interface."""
+import mlx.core as mx
+import numpy as np
+
+from ..mlx_llama.convert import hf_to_mlx, load_weights
+from ..mlx_llama.model import Llama
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, bundle):
+        self.model = load_weights(Llama(bundle.config), hf_to_mlx(bundle.state_dict))
+        self.max_context = bundle.config.max_position_embeddings
+        self.reset()
+
+    def reset(self):
+        self.cache = None
+
+    def _forward(self, ids):
+        logits, self.cache = self.model(mx.array([ids]), self.cache)
+        return np.array(logits[0, -1])
+
+    def prefill(self, ids):
+        self.reset()
+        return self._forward(list(ids))
+
+    def decode(self, token):
+        return self._forward([int(token)])
