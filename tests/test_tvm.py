@@ -1,0 +1,130 @@
+"""The TVM-compiled model (chapter 6): weight conversion, the backend against the reference on
+random checkpoints of two shapes, the on-disk library cache, bad input, and the roofline sums."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from llmbook.backends import BackendUnavailable, get_backend
+from llmbook.backends.hf import HFBackend
+from llmbook.checkpoint import TOY_GQA, CheckpointError, LlamaConfig
+from llmbook.device import gpu_name
+from llmbook.generation import ContextError, greedy
+from llmbook import roofline
+from llmbook.tvm_llama.convert import hf_to_tvm, tvm_shapes
+
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def lib_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tvm_libs")
+
+
+@pytest.fixture(scope="module")
+def toy_tvm(toy, lib_root):
+    return get_backend("tvm", toy, root=lib_root)
+
+
+def test_convert_fuses_qkv_and_gate_up(toy):
+    cfg, sd = toy.config, toy.state_dict
+    w = hf_to_tvm(sd, cfg, progress=False)
+    assert {k: v.shape for k, v in w.items()} == tvm_shapes(cfg)
+    q, k, v = (sd[f"model.layers.1.self_attn.{x}_proj.weight"].numpy() for x in "qkv")
+    assert np.array_equal(w["model.layers.1.self_attn.qkv_proj.weight"], np.concatenate([q, k, v]))
+    gate, up = (sd[f"model.layers.2.mlp.{x}_proj.weight"].numpy() for x in ("gate", "up"))
+    assert np.array_equal(w["model.layers.2.mlp.gate_up_proj.weight"], np.concatenate([gate, up]))
+    assert np.array_equal(w["lm_head.weight"], sd["lm_head.weight"].numpy())
+
+
+def test_convert_tied_head_has_no_copy(toy_mha):
+    w = hf_to_tvm(toy_mha.state_dict, toy_mha.config, progress=False)
+    assert "lm_head.weight" not in w and {k: v.shape for k, v in w.items()} == tvm_shapes(toy_mha.config)
+
+
+def test_convert_rejects_unknown_weights(toy):
+    sd = dict(toy.state_dict) | {"model.extra.weight": np.zeros(3, np.float32)}
+    with pytest.raises(ValueError, match="not used"):
+        hf_to_tvm(sd, toy.config, progress=False)
+
+
+def test_to_device_checks_shapes(toy):
+    import tvm
+
+    from llmbook.tvm_llama.convert import to_device
+
+    w = hf_to_tvm(toy.state_dict, toy.config, progress=False)
+    w["model.norm.weight"] = w["model.norm.weight"][:-1]
+    with pytest.raises(CheckpointError, match="model.norm.weight"):
+        to_device(w, list(w), toy.config, tvm.cpu())
+
+
+def test_tvm_matches_reference_gqa(toy, toy_tvm):
+    ids = [5, 17, 300, 42, 7, 99, 250, 1, 64]
+    ref = HFBackend(toy)
+    assert float(np.max(np.abs(toy_tvm.prefill(ids) - ref.prefill(ids)))) < TOL
+    assert greedy(toy_tvm, ids, 16) == greedy(ref, ids, 16)
+    assert toy_tvm.build_info["built"]
+
+
+def test_tvm_matches_reference_tied_mha(toy_mha, lib_root):
+    backend = get_backend("tvm", toy_mha, root=lib_root)
+    ref = HFBackend(toy_mha)
+    ids = [3, 8, 200, 11, 45]
+    assert float(np.max(np.abs(backend.prefill(ids) - ref.prefill(ids)))) < TOL
+    assert greedy(backend, ids, 12) == greedy(ref, ids, 12)
+
+
+def test_library_cache_reused(toy, toy_tvm, lib_root):
+    again = get_backend("tvm", toy, root=lib_root)
+    assert not again.build_info["built"] and again.build_info["path"] == toy_tvm.build_info["path"]
+    ids = [9, 8, 7]
+    assert np.array_equal(again.prefill(ids), toy_tvm.prefill(ids))
+
+
+def test_library_key_depends_on_config_and_target(toy):
+    from llmbook.tvm_llama.build import library_path
+    from llmbook.tvm_llama.pipeline import cpu_target
+
+    base = library_path("m", toy.config, cpu_target())
+    assert base == library_path("m", toy.config, cpu_target())
+    assert base != library_path("m", dataclasses.replace(toy.config, rope_theta=1e4), cpu_target())
+    assert base != library_path("m", toy.config, cpu_target(fast_math=False))
+    assert base != library_path("m", toy.config, cpu_target(), schedule=False)
+
+
+def test_bad_input(toy_tvm):
+    with pytest.raises(ValueError, match="out of range"):
+        toy_tvm.prefill([1, TOY_GQA.vocab_size])
+    with pytest.raises(ValueError, match="out of range"):
+        toy_tvm.prefill([-1])
+    with pytest.raises(ValueError, match="no token ids"):
+        toy_tvm.prefill([])
+    with pytest.raises(ContextError):
+        toy_tvm.prefill([1] * (toy_tvm.max_context + 1))
+    toy_tvm.prefill([1] * (toy_tvm.max_context - 1))
+    toy_tvm.decode(2)
+    with pytest.raises(ContextError):
+        toy_tvm.decode(3)
+
+
+def test_bad_device(toy):
+    with pytest.raises(ValueError, match="device"):
+        get_backend("tvm", toy, device="tpu")
+    if gpu_name() is None:
+        with pytest.raises(BackendUnavailable, match="cuda"):
+            get_backend("tvm", toy, device="cuda")
+
+
+def test_roofline_bytes():
+    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                          num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
+    weights = roofline.weight_bytes_per_token(smollm2)
+    assert weights == 4 * (134_515_008 + 576)  # every parameter once, plus the embedding row looked up
+    assert roofline.kv_bytes_per_token(smollm2, 100) == 100 * 30 * 2 * 3 * 64 * 4
+    assert roofline.decode_bytes_per_token(smollm2, 2, context=10) == weights // 2 + 10 * 30 * 2 * 3 * 64 * 2
+    untied = dataclasses.replace(smollm2, tie_word_embeddings=False)  # the table is not read, the head is
+    assert roofline.weight_bytes_per_token(untied) == weights
+    assert roofline.decode_roofline(smollm2, 50.0) == pytest.approx(50e9 / weights)
+    with pytest.raises(ValueError, match="512"):
+        roofline.read_bandwidth_gbs(megabytes=64)
