@@ -2,6 +2,7 @@
 
     python -m llmbook generate --backend mlx --prompt "What is the capital of France?" --max-tokens 32
     python -m llmbook compare --backend mlx --token-ids 1,2,3 --steps 20 --model path/to/checkpoint
+    python -m llmbook bench --model path/to/checkpoint --backends hf,tvm --out bench-results
 """
 from __future__ import annotations
 
@@ -47,8 +48,48 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--token-ids", type=token_ids)
     c.add_argument("--steps", type=int, default=20, help="greedy tokens to compare")
 
+    b = sub.add_parser("bench", help="time every engine (or --backends) on one checkpoint; writes JSON and figures")
+    b.add_argument("--model", default=None, help="Hugging Face Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
+    b.add_argument("--backends", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help=f"comma-separated, default: all of {','.join(backends.names())} that run here")
+    b.add_argument("--prompt-lengths", type=token_ids, default=[16, 64, 256], help="prefill lengths, e.g. 16,64,256")
+    b.add_argument("--tokens", type=int, default=64, help="decode steps per timed run")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    b.add_argument("--out", default=None, help="output directory (default: bench-<model name>)")
+
     sub.add_parser("prepare", help="convert SmolLM2 from its GGUF into the on-disk cache")
     return ap
+
+
+def bench(args) -> int:
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import bench as harness
+
+    if args.tokens < 1 or args.repeats < 1:
+        raise ValueError("--tokens and --repeats must be at least 1")
+    if args.backends is not None and (unknown := [n for n in args.backends if n not in backends.names()]):
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known backends: {', '.join(backends.names())}")
+    bundle = load_model(args.model)
+    doc = harness.run(bundle, args.backends, args.prompt_lengths, args.tokens, repeats=args.repeats)
+    if not doc["engines"]:
+        raise ValueError(f"no engine ran: {doc['skipped']}")
+    out = Path(args.out or f"bench-{bundle.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(doc, indent=1) + "\n")
+    axes = harness.plot(doc)
+    axes[0].figure.savefig(out / "bench.png", dpi=120)
+    for name, r in doc["engines"].items():
+        pre = ", ".join(f"{p['tokens']}: {p['median_s'] * 1e3:.1f} ms" for p in r["prefill"] if "median_s" in p)
+        print(f"{name:12s} decode {r['decode']['tok_s']:6.1f} tok/s ({r['roofline_fraction']:.2f} of the roofline); prefill {pre}")
+    for name, why in doc["skipped"].items():
+        print(f"{name:12s} skipped: {why}")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
 
 
 def prompt_ids(bundle, args) -> list[int]:
@@ -66,6 +107,8 @@ def run(args) -> int:
         print(f"{bundle.name} ready in {bundle.path}")
         return 0
     device.use_threads(args.threads)
+    if args.command == "bench":
+        return bench(args)
     if args.backend not in backends.names():  # before loading anything
         raise ValueError(f"unknown backend {args.backend!r}; known backends: {', '.join(backends.names())}")
     bundle = load_model(args.model)

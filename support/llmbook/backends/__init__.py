@@ -21,6 +21,7 @@ REGISTRY = {
     "tvm": ("llmbook.backends.tvm", "TVMBackend", "apache-tvm==0.26.0"),
     "tflite": ("llmbook.backends.tflite", "TFLiteBackend", "litert-torch and ai-edge-litert"),
     "tflite-int8": ("llmbook.backends.tflite", "TFLiteInt8Backend", "litert-torch and ai-edge-litert"),
+    "llama.cpp": ("llmbook.backends.llama_cpp", "LlamaCppBackend", "llama-cpp-python (optional, compiles llama.cpp)"),
 }
 
 

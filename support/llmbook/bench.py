@@ -1,0 +1,178 @@
+"""The benchmarks harness (chapter 8 and `python -m llmbook bench`): every engine the machine has on
+the same prompts; prefill time against prompt length, decode speed against generated length; the
+median and spread of several repeats, and the machine's limits measured in the same run.
+
+Prompts are cut from the public-domain text shipped in book/data, so every engine and every device
+reads the same tokens. Engines that are not installed, or have no device here, are listed as skipped
+with the reason, never silently left out.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backends, device, roofline, timing
+from .generation import check_context
+
+TEXT = Path(__file__).resolve().parents[2] / "book" / "data" / "public_domain.txt"
+ENGINES = ["hf", "torch-fused", "mlx", "tvm", "tflite", "tflite-int8", "llama.cpp"]
+
+
+def text_ids(bundle, n: int | None = None) -> list[int]:
+    """The shipped text as token ids (no chat template), repeated if `n` asks for more."""
+    if bundle.tokenizer is None:  # a reader's checkpoint without tokenizer: fixed pseudo-text
+        rng = np.random.default_rng(0)
+        ids = [int(t) for t in rng.integers(0, bundle.config.vocab_size, max(n or 256, 1))]
+    else:
+        ids = bundle.tokenizer(TEXT.read_text(), add_special_tokens=False)["input_ids"]
+    if n is not None:
+        ids = (ids * (n // len(ids) + 1))[:n]
+    return ids
+
+
+def open_engines(bundle, names: list[str], log=print) -> tuple[dict, dict]:
+    """{name: backend} for the engines that run here, {name: reason} for those that do not."""
+    engines, skipped = {}, {}
+    for name in names:
+        try:
+            engines[name] = backends.get_backend(name, bundle)
+        except backends.BackendUnavailable as e:
+            skipped[name] = str(e)
+            log(f"skipped {name}: {e}")
+    return engines, skipped
+
+
+def prefill_curve(engine, ids: list[int], lengths: list[int], repeats: int = 3, budget_s: float = 5.0) -> list[dict]:
+    """Seconds to prefill the first n tokens of `ids`, for each n in `lengths`: one warm-up run
+    (first-call allocation, compilation), then `repeats` timed runs, median and spread. An engine
+    whose warm-up alone takes longer than `budget_s` keeps that one run, marked n=1, and skips the
+    longer prompts with the reason: MLX on Linux (reference BLAS) would otherwise take minutes."""
+    out, slow = [], None
+    for n in lengths:
+        if n > engine.max_context:
+            out.append({"tokens": n, "skipped": f"longer than the context of {engine.max_context}"})
+            continue
+        if slow is not None:
+            out.append({"tokens": n, "skipped": f"{slow:.0f} s at a shorter prompt, over the {budget_s:.0f} s budget"})
+            continue
+        prompt = ids[:n]
+        t = time.perf_counter()
+        engine.prefill(prompt)
+        samples = [time.perf_counter() - t]
+        if samples[0] > budget_s:
+            slow = samples[0]
+        else:
+            samples = timing.timeit(lambda: engine.prefill(prompt), repeats=repeats, warmup=0)
+        med = statistics.median(samples)
+        out.append({"tokens": n, "median_s": med, "min_s": min(samples), "max_s": max(samples),
+                    "tokens_per_s": n / med, "n": len(samples)})
+    return out
+
+
+def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3) -> dict:
+    """Greedy decode after a prefill of `ids`: the time of every step, `repeats` times (plus one
+    warm-up run). Returns, for each generated length g, the tokens/s over the first g tokens."""
+    check_context(engine, len(ids), tokens)
+    steps = []
+    for run in range(repeats + 1):
+        token = int(np.argmax(engine.prefill(ids)))
+        times = []
+        for _ in range(tokens):
+            t = time.perf_counter()
+            token = int(np.argmax(engine.decode(token)))
+            times.append(time.perf_counter() - t)
+        if run:  # run 0 is the warm-up
+            steps.append(times)
+    cumulative = np.cumsum(np.asarray(steps), axis=1)  # [repeats, tokens]
+    rates = np.arange(1, tokens + 1) / cumulative
+    return {"prompt_tokens": len(ids), "generated": list(range(1, tokens + 1)),
+            "tok_s_median": np.median(rates, axis=0).tolist(), "tok_s_min": rates.min(0).tolist(),
+            "tok_s_max": rates.max(0).tolist(), "tok_s": float(np.median(rates[:, -1])), "n": repeats}
+
+
+def weight_bytes(name: str, engine, cfg) -> int:
+    """Bytes of weights one decode step reads: fp32 engines read every parameter once; quantized
+    engines read their file (int8 or 4-bit weights with their scales)."""
+    path = getattr(engine, "path", None)
+    if name in ("tflite-int8", "llama.cpp") and path is not None:
+        return Path(path).stat().st_size
+    return roofline.weight_bytes_per_token(cfg)
+
+
+def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), decode_tokens: int = 64,
+        decode_prompt: int = 32, repeats: int = 3, budget_s: float = 5.0, progress: bool = True,
+        file=sys.stderr) -> dict:
+    """Every engine on the same prompts; a JSON-ready document with the machine's limits."""
+    names = list(names or ENGINES)
+    unknown = [n for n in names if n not in backends.names()]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known backends: {', '.join(backends.names())}")
+    threads = device.use_threads()
+    engines, skipped = open_engines(bundle, names, log=lambda m: print(m, file=file))
+    ids = text_ids(bundle, max(max(prompt_lengths), decode_prompt))
+    cfg = bundle.config
+    limits = {"bandwidth_gbs": roofline.read_bandwidth_gbs(), "matmul_gflops": roofline.matmul_gflops()}
+    doc = {"model": bundle.name, "threads": threads, "device": device.describe(), "limits": limits,
+           "prompt_lengths": list(prompt_lengths), "decode_tokens": decode_tokens, "repeats": repeats,
+           "skipped": skipped, "engines": {}}
+    bar = tqdm(total=2 * len(engines), desc="bench", unit="run", disable=not progress, file=file)
+    for name, engine in engines.items():
+        bar.set_postfix_str(f"{name} prefill")
+        pre = prefill_curve(engine, ids, list(prompt_lengths), repeats, budget_s)
+        bar.update()
+        bar.set_postfix_str(f"{name} decode")
+        dec = decode_curve(engine, ids[:decode_prompt], decode_tokens, repeats)
+        bar.update()
+        w = weight_bytes(name, engine, cfg)
+        context = decode_prompt + decode_tokens // 2
+        step_bytes = w + roofline.kv_bytes_per_token(cfg, context)
+        roof = limits["bandwidth_gbs"] * 1e9 / step_bytes
+        doc["engines"][name] = {"prefill": pre, "decode": dec, "decode_bytes_per_token": step_bytes,
+                                "decode_roofline_tok_s": roof, "roofline_fraction": dec["tok_s"] / roof}
+    bar.close()
+    return doc
+
+
+# ---- figures ---------------------------------------------------------------------------------
+
+COLORS = {"hf": "tab:gray", "torch-fused": "tab:orange", "mlx": "tab:purple", "tvm": "tab:blue",
+          "tflite": "tab:green", "tflite-int8": "tab:olive", "llama.cpp": "tab:red"}
+
+
+def plot(doc: dict, axes=None):
+    """Prefill seconds against prompt length, decode tokens/s against generated length, and decode
+    as a fraction of the roofline: three panels for one device's document."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(15, 4))
+    pre_ax, dec_ax, roof_ax = axes
+    for name, r in doc["engines"].items():
+        pts = [p for p in r["prefill"] if "median_s" in p]
+        if pts:
+            x = [p["tokens"] for p in pts]
+            pre_ax.errorbar(x, [p["median_s"] for p in pts], marker="o", color=COLORS.get(name), label=name,
+                            yerr=[[p["median_s"] - p["min_s"] for p in pts], [p["max_s"] - p["median_s"] for p in pts]])
+        d = r["decode"]
+        dec_ax.plot(d["generated"], d["tok_s_median"], color=COLORS.get(name), label=name)
+        dec_ax.fill_between(d["generated"], d["tok_s_min"], d["tok_s_max"], color=COLORS.get(name), alpha=0.2)
+    pre_ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill seconds (median, min-max)")
+    dec_ax.set(xlabel="tokens generated", ylabel="decode tokens / s (running mean)")
+    dec_ax.set_ylim(bottom=0)
+    names = list(doc["engines"])
+    fractions = [doc["engines"][n]["roofline_fraction"] for n in names]
+    roof_ax.barh(names, fractions, color=[COLORS.get(n) for n in names])
+    roof_ax.axvline(1.0, color="tab:red", linestyle="--")
+    roof_ax.set(xlabel="decode / memory roofline", xlim=(0, max(1.05, max(fractions, default=0) * 1.1)))
+    roof_ax.invert_yaxis()
+    for ax in (pre_ax, dec_ax):
+        ax.legend(fontsize=8)
+    label = doc["device"]["label"]
+    pre_ax.figure.suptitle(f"{doc['model']} on {label} ({doc['limits']['bandwidth_gbs']:.0f} GB/s read)")
+    pre_ax.figure.tight_layout()
+    return axes

@@ -1,0 +1,96 @@
+"""The benchmarks harness and `python -m llmbook bench`: curves on a random checkpoint, the budget
+and context rules, skipped engines reported, the roofline sums, and bad input."""
+import json
+
+import numpy as np
+import pytest
+
+from llmbook import bench, roofline
+from llmbook.backends.hf import HFBackend
+from llmbook.checkpoint import TOY_GQA
+from llmbook.cli import main
+
+
+class SlowEngine:
+    """Pretends to be an engine whose prefill takes 0.05 s per token and decode 0.01 s."""
+
+    name, max_context = "slow", 40
+
+    def __init__(self):
+        self.calls = []
+
+    def prefill(self, ids):
+        self.calls.append(len(ids))
+        import time
+
+        time.sleep(0.05 * len(ids) / 16)
+        return np.zeros(8, np.float32)
+
+    def decode(self, token):
+        return np.zeros(8, np.float32)
+
+
+def test_prefill_curve_budget_and_context():
+    engine = SlowEngine()
+    out = bench.prefill_curve(engine, list(range(64)), [16, 32, 64], repeats=2, budget_s=0.075)
+    assert [p["tokens"] for p in out] == [16, 32, 64]
+    assert out[0]["n"] == 2 and out[0]["min_s"] <= out[0]["median_s"] <= out[0]["max_s"]
+    assert out[1]["n"] == 1  # the warm-up at 32 tokens (0.1 s) was over budget: one run kept
+    assert "longer than the context of 40" in out[2]["skipped"]
+    assert engine.calls == [16, 16, 16, 32]
+
+
+def test_prefill_curve_skips_after_budget():
+    out = bench.prefill_curve(SlowEngine(), list(range(40)), [32, 36], repeats=2, budget_s=0.01)
+    assert out[0]["n"] == 1 and "over the 0 s budget" in out[1]["skipped"]
+
+
+def test_decode_curve_on_random_checkpoint(toy):
+    d = bench.decode_curve(HFBackend(toy), [1, 2, 3, 4], tokens=8, repeats=2)
+    assert d["generated"] == list(range(1, 9)) and d["n"] == 2 and d["prompt_tokens"] == 4
+    assert all(lo <= med <= hi for lo, med, hi in zip(d["tok_s_min"], d["tok_s_median"], d["tok_s_max"]))
+    assert d["tok_s"] == pytest.approx(d["tok_s_median"][-1])
+
+
+def test_text_ids(toy, smollm2):
+    ids = bench.text_ids(smollm2, 300)
+    assert len(ids) == 300 and smollm2.detokenize(ids[:5]).startswith("Four score")
+    assert len(bench.text_ids(toy, 50)) == 50 and max(bench.text_ids(toy, 50)) < TOY_GQA.vocab_size
+
+
+def test_run_reports_skipped_and_unknown(toy):
+    doc = bench.run(toy, ["hf", "llama.cpp"], prompt_lengths=(4, 8), decode_tokens=4, decode_prompt=4,
+                    repeats=1, progress=False)
+    assert set(doc["engines"]) == {"hf"} and "llama.cpp" in doc["skipped"]
+    r = doc["engines"]["hf"]
+    assert [p["tokens"] for p in r["prefill"]] == [4, 8] and 0 < r["roofline_fraction"]
+    assert r["decode_bytes_per_token"] == roofline.decode_bytes_per_token(toy.config, context=6)
+    with pytest.raises(ValueError, match="unknown backend"):
+        bench.run(toy, ["hf", "onnx"], progress=False)
+
+
+def test_flops_per_token():
+    cfg = TOY_GQA
+    h, d, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = h * d + 2 * h * kv + d * h + 3 * h * cfg.intermediate_size
+    assert roofline.flops_per_token(cfg) == 2 * (cfg.num_layers * per_layer + cfg.vocab_size * h)
+    assert roofline.flops_per_token(cfg, 10) - roofline.flops_per_token(cfg) == cfg.num_layers * 4 * 10 * d
+
+
+def test_cli_bench(toy_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(toy_dir), "--backends", "hf,mlx", "--prompt-lengths", "4,8",
+                 "--tokens", "4", "--repeats", "1", "--out", str(out)]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert set(doc["engines"]) == {"hf", "mlx"} and (out / "bench.png").stat().st_size > 0
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "hf,onnx"], "unknown backend(s) onnx"),
+    (["--tokens", "0"], "at least 1"),
+])
+def test_cli_bench_bad_arguments(toy_dir, args, message, capsys):
+    assert main(["bench", "--model", str(toy_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
