@@ -20,7 +20,7 @@ from . import backends, device, roofline, timing
 from .generation import check_context
 
 TEXT = Path(__file__).resolve().parents[2] / "book" / "data" / "public_domain.txt"
-ENGINES = ["hf", "torch-fused", "mlx", "tvm", "tflite", "tflite-int8", "llama.cpp"]
+ENGINES = backends.names()  # every engine the book has, in the registry's order
 
 
 def text_ids(bundle, n: int | None = None) -> list[int]:

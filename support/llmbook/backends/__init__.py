@@ -17,7 +17,6 @@ from ..checkpoint import Bundle
 REGISTRY = {
     "hf": ("llmbook.backends.hf", "HFBackend", "transformers"),
     "mlx": ("llmbook.backends.mlx", "MLXBackend", "mlx[cpu] (Linux) or mlx (macOS)"),
-    "torch-fused": ("llmbook.backends.torch_fused", "TorchFusedBackend", "torch"),
     "tvm": ("llmbook.backends.tvm", "TVMBackend", "apache-tvm==0.26.0"),
     "tflite": ("llmbook.backends.tflite", "TFLiteBackend", "litert-torch and ai-edge-litert"),
     "tflite-int8": ("llmbook.backends.tflite", "TFLiteInt8Backend", "litert-torch and ai-edge-litert"),

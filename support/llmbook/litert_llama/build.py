@@ -1,0 +1,110 @@
+"""Converted .tflite files cached on disk, keyed by model, config, weights, shapes, recipe and code.
+
+A file lives in `cache_dir()/tflite/<model>-<recipe>-p<prefill>-kv<kv>-<key>.tflite` with a `.json`
+beside it: what the key was made of, and the conversion's wall time and peak memory, measured in the
+subprocess that converted it (conversion holds ~4 GB for SmolLM2; a subprocess gives it back and
+lets getrusage report its peak alone).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..checkpoint import cache_dir
+
+VERSION = "1"  # bump when what is converted changes in a way the key cannot see
+HERE = Path(__file__).resolve().parent
+
+
+def weights_digest(state_dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].contiguous()
+        h.update(k.encode() + str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(bundle, recipe: str, prefill_len: int, kv_len: int) -> dict:
+    import litert_torch.version
+
+    source = hashlib.sha256(b"".join((HERE / f).read_bytes() for f in ("model.py", "convert.py"))).hexdigest()[:16]
+    return {"model": bundle.name, "config": dataclasses.asdict(bundle.config), "weights": weights_digest(bundle.state_dict),
+            "recipe": recipe, "prefill_len": prefill_len, "kv_len": kv_len,
+            "litert_torch": litert_torch.version.__version__, "version": VERSION, "source": source}
+
+
+def model_path(bundle, recipe: str, prefill_len: int, kv_len: int, root: Path | None = None) -> tuple[Path, dict]:
+    key = cache_key(bundle, recipe, prefill_len, kv_len)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", bundle.name).strip("-")
+    return Path(root or cache_dir() / "tflite") / f"{slug}-{recipe}-p{prefill_len}-kv{kv_len}-{digest}.tflite", key
+
+
+def load_or_convert(bundle, recipe: str, prefill_len: int, kv_len: int, root: Path | None = None) -> tuple[Path, dict]:
+    """(path, info): info has the key, `convert_seconds`, `peak_rss_gb`, `bytes` and `converted_now`."""
+    if prefill_len > kv_len:
+        raise ValueError(f"prefill length {prefill_len} exceeds the KV cache of {kv_len}")
+    path, key = model_path(bundle, recipe, prefill_len, kv_len, root)
+    meta = path.with_suffix(".json")
+    converted_now = not (path.exists() and meta.exists())
+    if converted_now:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tflite")
+        os.close(fd)
+        log = path.with_suffix(".log")
+        cmd = [sys.executable, "-m", "llmbook.litert_llama.build", "--checkpoint", str(bundle.path),
+               "--out", tmp, "--recipe", recipe, "--prefill", str(prefill_len), "--kv", str(kv_len)]
+        with open(log, "w") as f:  # the converter's progress lines go to the log, not the reader's screen
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        if done.returncode:
+            os.unlink(tmp)
+            raise RuntimeError(f"conversion failed (exit {done.returncode}); last lines of {log}:\n"
+                               + "".join(log.read_text().splitlines(True)[-20:]))
+        info = json.loads(Path(tmp + ".json").read_text()) | {"key": key}
+        Path(tmp + ".json").unlink()
+        meta.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, path)
+    info = json.loads(meta.read_text())
+    return path, info | {"converted_now": converted_now, "bytes": path.stat().st_size}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="convert one checkpoint to .tflite (run by load_or_convert)")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--prefill", type=int, required=True)
+    ap.add_argument("--kv", type=int, required=True)
+    args = ap.parse_args(argv)
+    from .compat import import_generative
+
+    import_generative()
+    from ..checkpoint import load_model
+    from .convert import convert
+    from .model import build_model
+
+    t0 = time.perf_counter()
+    bundle = load_model(args.checkpoint)
+    t1 = time.perf_counter()
+    model = build_model(bundle.config, bundle.state_dict, args.kv)
+    convert(model, args.out, args.prefill, args.kv, args.recipe)
+    t2 = time.perf_counter()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
+    Path(args.out + ".json").write_text(json.dumps({
+        "load_seconds": t1 - t0, "convert_seconds": t2 - t1, "peak_rss_gb": peak_kb / 2**20}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

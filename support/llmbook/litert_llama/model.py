@@ -1,0 +1,61 @@
+"""A Llama-family decoder (SmolLM2 or any LlamaConfig) re-authored from litert-torch's building blocks."""
+import litert_torch.generative.layers.model_config as lcfg
+from litert_torch.generative.utilities import model_builder
+from litert_torch.generative.utilities.loader import ModelLoader
+
+from llmbook.checkpoint import LlamaConfig
+
+
+def model_config(cfg: LlamaConfig, max_seq_len: int) -> lcfg.ModelConfig:
+    """The litert-torch ModelConfig of a Llama decoder (what the library's SmolLM2 example writes by hand)."""
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(f"{cfg.num_heads} query heads cannot share {cfg.num_kv_heads} KV heads evenly")
+    if cfg.rope_theta != int(cfg.rope_theta):
+        raise ValueError(f"litert-torch takes an integer RoPE base, got {cfg.rope_theta}")
+    norm = lcfg.NormalizationConfig(type=lcfg.NormalizationType.RMS_NORM, epsilon=cfg.rms_norm_eps)
+    block = lcfg.TransformerBlockConfig(
+        attn_config=lcfg.AttentionConfig(
+            num_heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            num_query_groups=cfg.num_kv_heads,  # grouped-query attention: KV heads
+            rotary_base=int(cfg.rope_theta),
+            rotary_percentage=1.0,  # RoPE on the whole head
+        ),
+        ff_config=lcfg.FeedForwardConfig(
+            type=lcfg.FeedForwardType.GATED,  # SwiGLU: down(silu(gate(x)) * up(x))
+            activation=lcfg.ActivationConfig(lcfg.ActivationType.SILU),
+            intermediate_size=cfg.intermediate_size,
+        ),
+        pre_attention_norm_config=norm,
+        post_attention_norm_config=norm,
+    )
+    return lcfg.ModelConfig(
+        vocab_size=cfg.vocab_size,
+        num_layers=cfg.num_layers,
+        max_seq_len=max_seq_len,
+        embedding_dim=cfg.hidden_size,
+        block_configs=block,  # one config shared by every layer
+        final_norm_config=norm,
+        lm_head_share_weight_with_embedding=cfg.tie_word_embeddings,
+    )
+
+
+def tensor_names(cfg: LlamaConfig) -> ModelLoader.TensorNames:
+    """Where each weight of the re-authored model lives in a Hugging Face Llama checkpoint."""
+    if cfg.tie_word_embeddings:
+        return model_builder.TENSOR_NAMES
+    return model_builder.TENSOR_NAMES_WITH_SEPARATE_LM_HEAD  # adds lm_head = "lm_head"
+
+
+def build_model(cfg: LlamaConfig, state_dict: dict, kv_len: int) -> model_builder.DecoderOnlyModel:
+    """The re-authored model with the checkpoint's weights mapped in, from an in-memory state dict.
+
+    The loader pops every weight it maps; left-over or missing weights raise (strict for untied heads,
+    and for tied ones too: a missing tensor fails in load_state_dict's size check or in `pop`)."""
+    return model_builder.build_decoder_only_model(
+        checkpoint_path="in-memory",  # not read: custom_loader hands over the weights
+        config=model_config(cfg, kv_len),
+        tensor_names=tensor_names(cfg),
+        custom_loader=lambda _path: dict(state_dict),  # a copy: the loader pops from it
+        mask_cache_size=kv_len,
+    )
