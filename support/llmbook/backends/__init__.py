@@ -28,6 +28,22 @@ class BackendUnavailable(RuntimeError):
     """The backend's engine or device is not present on this machine."""
 
 
+class RunnerBackend:
+    """A backend whose engine-side runner (TVM's, LiteRT's) already speaks prefill/decode for one
+    sequence: the backend only builds or loads the engine and hands the calls on."""
+
+    runner = None
+
+    def reset(self):
+        self.runner.reset()
+
+    def prefill(self, ids):
+        return self.runner.prefill(ids)
+
+    def decode(self, token):
+        return self.runner.decode(token)
+
+
 def names() -> list[str]:
     return list(REGISTRY)
 

@@ -1,12 +1,16 @@
-"""The book's LiteRT export (chapter 7) behind the backend interface: fp32 and int8 dynamic.
+"""A Llama-family checkpoint exported to LiteRT with litert-torch, behind the backend interface:
+fp32 and int8 dynamic.
 
-The .tflite file is converted on first use (in a subprocess, ~1 minute and ~4 GB for SmolLM2) and
-cached on disk keyed by model, config, weights, shapes and recipe (llmbook.litert_llama.build).
+The .tflite file is converted on first use (in a subprocess: about 2 minutes and 4 GB for SmolLM2
+on the 2-core machine) and cached on disk keyed by model, config, weights, shapes and recipe
+(llmbook.litert_llama.build).
 """
 from __future__ import annotations
 
+from . import RunnerBackend
 
-class TFLiteBackend:
+
+class TFLiteBackend(RunnerBackend):
     name = "tflite"
     recipe = "fp32"
 
@@ -22,15 +26,6 @@ class TFLiteBackend:
         self.runner = LiteRTRunner(self.path, num_threads=self.threads)
         self.max_context = self.runner.kv_len
         self.prefill_len = self.runner.prefill_len
-
-    def reset(self):
-        self.runner.reset()
-
-    def prefill(self, ids):
-        return self.runner.prefill(ids)
-
-    def decode(self, token):
-        return self.runner.decode(token)
 
 
 class TFLiteInt8Backend(TFLiteBackend):

@@ -5,11 +5,11 @@ model on a target pays the build (seconds on a CPU).
 """
 from __future__ import annotations
 
-from . import BackendUnavailable
+from . import BackendUnavailable, RunnerBackend
 from ..device import gpu_name
 
 
-class TVMBackend:
+class TVMBackend(RunnerBackend):
     name = "tvm"
 
     def __init__(self, bundle, device: str = "cpu", max_context: int = 2048, cache: bool = True,
@@ -38,12 +38,3 @@ class TVMBackend:
         params = to_device(hf_to_tvm(bundle.state_dict, cfg, progress=progress), names, cfg, dev)
         self.max_context = min(max_context, cfg.max_position_embeddings)
         self.runner = TVMRunner(self.module, params, dev, cfg.vocab_size, self.max_context)
-
-    def reset(self):
-        self.runner.reset()
-
-    def prefill(self, ids):
-        return self.runner.prefill(ids)
-
-    def decode(self, token):
-        return self.runner.decode(token)

@@ -1,4 +1,4 @@
-"""SmolLM2 (any Llama-family checkpoint) exported to LiteRT (.tflite) with litert-torch, chapter 7.
+"""SmolLM2 (any Llama-family checkpoint) exported to LiteRT (.tflite) with litert-torch.
 
 compat.py   import litert-torch's Generative API without TensorFlow (the workaround, in one place)
 model.py    re-authoring: ModelConfig from our LlamaConfig, checkpoint mapping with TensorNames
