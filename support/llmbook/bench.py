@@ -106,14 +106,18 @@ def weight_bytes(name: str, engine, cfg) -> int:
 
 def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), decode_tokens: int = 64,
         decode_prompt: int = 32, repeats: int = 3, budget_s: float = 5.0, progress: bool = True,
-        file=sys.stderr) -> dict:
-    """Every engine on the same prompts; a JSON-ready document with the machine's limits."""
+        file=sys.stderr, opened: tuple[dict, dict] | None = None) -> dict:
+    """Every engine on the same prompts; a JSON-ready document with the machine's limits.
+    `opened`: (engines, skipped) from open_engines, to time engines already open."""
     names = list(names or ENGINES)
     unknown = [n for n in names if n not in backends.names()]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known backends: {', '.join(backends.names())}")
     threads = device.use_threads()
-    engines, skipped = open_engines(bundle, names, log=lambda m: print(m, file=file))
+    if opened is None:
+        opened = open_engines(bundle, names, log=lambda m: print(m, file=file))
+    engines = {n: e for n, e in opened[0].items() if n in names}
+    skipped = {n: why for n, why in opened[1].items() if n in names}
     ids = text_ids(bundle, max(max(prompt_lengths), decode_prompt))
     cfg = bundle.config
     limits = {"bandwidth_gbs": roofline.read_bandwidth_gbs(), "matmul_gflops": roofline.matmul_gflops()}
