@@ -16,6 +16,7 @@ from ..checkpoint import Bundle
 # without TVM can still run the MLX backend.
 REGISTRY = {
     "hf": ("llmbook.backends.hf", "HFBackend", "transformers"),
+    "torch-fused": ("llmbook.backends.fused", "TorchFusedBackend", "torch and transformers"),
     "mlx": ("llmbook.backends.mlx", "MLXBackend", "mlx[cpu] (Linux) or mlx (macOS)"),
     "tvm": ("llmbook.backends.tvm", "TVMBackend", "apache-tvm==0.26.0"),
     "tflite": ("llmbook.backends.tflite", "TFLiteBackend", "litert-torch and ai-edge-litert"),

@@ -1,0 +1,41 @@
+"""transformers' LlamaForCausalLM with every decoder layer swapped for the fused operation of
+chapter 5 (static KV cache, stacked projections, compiled decode step)."""
+import numpy as np
+import torch
+
+from ..fused_llama.swap import swap_in
+from ..generation import ContextError
+
+
+class TorchFusedBackend:
+    name = "torch-fused"
+
+    def __init__(self, bundle, max_len: int = 1024, compile: bool = True):
+        self.vocab_size = bundle.config.vocab_size
+        self.max_context = min(max_len, bundle.config.max_position_embeddings)
+        self.model = swap_in(bundle.hf_model, self.max_context, compile=compile)
+        self.reset()
+
+    def reset(self):
+        # rows left from an earlier sequence stay in the cache; the mask never lets a token see them
+        self.pos = 0
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        if not ids:
+            raise ValueError("no token ids")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"token id out of range [0, {self.vocab_size})")
+        if self.pos + len(ids) > self.max_context:
+            raise ContextError(f"{self.pos} cached + {len(ids)} new tokens exceed the static KV cache of {self.max_context}")
+        pos = torch.arange(self.pos, self.pos + len(ids))[None]
+        out = self.model(input_ids=torch.tensor([ids]), position_ids=pos, use_cache=False, logits_to_keep=1)
+        self.pos += len(ids)
+        return out.logits[0, -1].float().numpy()
+
+    def prefill(self, ids):
+        self.reset()
+        return self._forward(list(ids))
+
+    def decode(self, token):
+        return self._forward([int(token)])
