@@ -42,7 +42,7 @@ def test_prefill_curve_budget_and_context():
 
 def test_prefill_curve_skips_after_budget():
     out = bench.prefill_curve(SlowEngine(), list(range(40)), [32, 36], repeats=2, budget_s=0.01)
-    assert out[0]["n"] == 1 and "over the 0 s budget" in out[1]["skipped"]
+    assert out[0]["n"] == 1 and "over the 0.0 s budget" in out[1]["skipped"]
 
 
 def test_decode_curve_on_random_checkpoint(toy):

@@ -58,7 +58,7 @@ def prefill_curve(engine, ids: list[int], lengths: list[int], repeats: int = 3, 
             out.append({"tokens": n, "skipped": f"longer than the context of {engine.max_context}"})
             continue
         if slow is not None:
-            out.append({"tokens": n, "skipped": f"{slow:.0f} s at a shorter prompt, over the {budget_s:.0f} s budget"})
+            out.append({"tokens": n, "skipped": f"{slow:.1f} s at a shorter prompt, over the {budget_s:.1f} s budget"})
             continue
         prompt = ids[:n]
         t = time.perf_counter()

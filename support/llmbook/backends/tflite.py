@@ -7,7 +7,35 @@ on the 2-core machine) and cached on disk keyed by model, config, weights, shape
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
+
 from . import RunnerBackend
+
+BANNER = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+
+
+@contextlib.contextmanager
+def without_delegate_banner():
+    """LiteRT's C++ side prints BANNER to file descriptor 2 the first time a process runs a model.
+    Jupyter forwards such output asynchronously, so it lands in whichever cell happens to be running
+    and the stored outputs would differ run to run. Inside this block fd 2 goes to a file; every other
+    line is written back to stderr afterwards, so nothing but the banner is dropped."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            rest = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip() != BANNER]
+            if rest:
+                print("\n".join(rest), file=sys.stderr)
 
 
 class TFLiteBackend(RunnerBackend):
@@ -24,6 +52,9 @@ class TFLiteBackend(RunnerBackend):
         self.path, self.info = load_or_convert(bundle, self.recipe, prefill_len, kv_len, root)
         self.threads = threads or default_threads()
         self.runner = LiteRTRunner(self.path, num_threads=self.threads)
+        with without_delegate_banner():  # the first run creates the XNNPACK delegate
+            self.runner.decode(0)
+        self.runner.reset()
         self.max_context = self.runner.kv_len
         self.prefill_len = self.runner.prefill_len
 
