@@ -37,7 +37,7 @@ def test_hf_backend_prefill_then_decode_equals_longer_prefill(toy):
 
 
 def test_unknown_backend(toy):
-    with pytest.raises(ValueError, match="unknown backend 'nope'; known backends: hf, mlx"):
+    with pytest.raises(ValueError, match="unknown backend 'nope'; known backends: hf, torch-fused, mlx"):
         get_backend("nope", toy)
     assert {"hf", "mlx"} <= set(names())
 
