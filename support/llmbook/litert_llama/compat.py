@@ -1,3 +1,6 @@
+# Generated from notebooks/07_tflite.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
 """Importing litert-torch's Generative API without TensorFlow (the one workaround, in one place).
 
 litert-torch 0.10 does not depend on TensorFlow (its own `_convert/converter_v2.py` says so and

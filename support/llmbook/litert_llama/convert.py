@@ -1,3 +1,6 @@
+# Generated from notebooks/07_tflite.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
 """PyTorch -> one .tflite with a `prefill` and a `decode` signature, fp32 or int8 dynamic."""
 import litert_torch
 import torch

@@ -1,3 +1,6 @@
+# Generated from notebooks/07_tflite.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
 """A Llama-family decoder (SmolLM2 or any LlamaConfig) re-authored from litert-torch's building blocks."""
 import litert_torch.generative.layers.model_config as lcfg
 from litert_torch.generative.utilities import model_builder

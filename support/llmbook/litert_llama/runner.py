@@ -1,3 +1,6 @@
+# Generated from notebooks/07_tflite.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
 """Running a converted model in the LiteRT interpreter: signature runners, the KV cache fed back."""
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
@@ -12,6 +15,8 @@ class LiteRTRunner:
     (`kv_cache_k_0` ... `kv_cache_v_{L-1}`, each [1, kv_len, kv_heads, head_dim]) passed in and
     taken back on every call."""
 
+    name = "litert"
+
     def __init__(self, path, num_threads: int):
         self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
         self.prefill_runner = self.interpreter.get_signature_runner("prefill")
@@ -20,6 +25,7 @@ class LiteRTRunner:
         self.prefill_len = int(inputs["tokens"]["shape"][1])
         self.kv_shapes = {k: tuple(v["shape"]) for k, v in inputs.items() if k.startswith("kv_cache_")}
         self.kv_len = next(iter(self.kv_shapes.values()))[1]
+        self.max_context = self.kv_len  # the book's generation loop checks prompt + new tokens against it
         self.vocab_size = int(self.decode_runner.get_output_details()["logits"]["shape"][-1])
         self.reset()
 
