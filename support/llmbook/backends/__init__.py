@@ -29,6 +29,18 @@ class BackendUnavailable(RuntimeError):
     """The backend's engine or device is not present on this machine."""
 
 
+class StepBackend:
+    """A backend whose engine takes any number of new tokens in one `_forward(ids)` call and
+    returns the last position's logits; `reset()` starts a new sequence."""
+
+    def prefill(self, ids):
+        self.reset()
+        return self._forward(list(ids))
+
+    def decode(self, token):
+        return self._forward([int(token)])
+
+
 class RunnerBackend:
     """A backend whose engine-side runner (TVM's, LiteRT's) already speaks prefill/decode for one
     sequence: the backend only builds or loads the engine and hands the calls on."""

@@ -5,9 +5,10 @@ import torch
 
 from ..fused_llama.swap import swap_in
 from ..generation import ContextError
+from . import StepBackend
 
 
-class TorchFusedBackend:
+class TorchFusedBackend(StepBackend):
     name = "torch-fused"
 
     def __init__(self, bundle, max_len: int = 1024, compile: bool = True):
@@ -32,10 +33,3 @@ class TorchFusedBackend:
         out = self.model(input_ids=torch.tensor([ids]), position_ids=pos, use_cache=False, logits_to_keep=1)
         self.pos += len(ids)
         return out.logits[0, -1].float().numpy()
-
-    def prefill(self, ids):
-        self.reset()
-        return self._forward(list(ids))
-
-    def decode(self, token):
-        return self._forward([int(token)])

@@ -3,8 +3,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from . import StepBackend
 
-class HFBackend:
+
+class HFBackend(StepBackend):
     name = "hf"
 
     def __init__(self, bundle):
@@ -19,10 +21,3 @@ class HFBackend:
     def _forward(self, ids: list[int]) -> np.ndarray:
         out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache, use_cache=True)
         return out.logits[0, -1].float().numpy()
-
-    def prefill(self, ids):
-        self.reset()
-        return self._forward(list(ids))
-
-    def decode(self, token):
-        return self._forward([int(token)])

@@ -4,9 +4,10 @@ import numpy as np
 
 from ..mlx_llama.convert import hf_to_mlx, load_weights
 from ..mlx_llama.model import Llama
+from . import StepBackend
 
 
-class MLXBackend:
+class MLXBackend(StepBackend):
     name = "mlx"
 
     def __init__(self, bundle):
@@ -20,10 +21,3 @@ class MLXBackend:
     def _forward(self, ids):
         logits, self.cache = self.model(mx.array([ids]), self.cache)
         return np.array(logits[0, -1])
-
-    def prefill(self, ids):
-        self.reset()
-        return self._forward(list(ids))
-
-    def decode(self, token):
-        return self._forward([int(token)])
