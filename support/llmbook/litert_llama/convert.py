@@ -1,7 +1,7 @@
 # Generated from notebooks/07_tflite.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
-"""PyTorch -> one .tflite with a `prefill` and a `decode` signature, fp32 or int8 dynamic."""
+"""PyTorch -> one .tflite with a `prefill` and a `decode` signature, fp32 or int8 (dynamic or weight-only)."""
 import litert_torch
 import torch
 from litert_torch.generative.layers import kv_cache as kv_utils
@@ -9,7 +9,7 @@ from litert_torch.generative.quantize import quant_recipes
 from litert_torch.generative.utilities.converter import ExportableModule
 from litert_torch.generative.utilities.export_config import ExportConfig
 
-RECIPES = ("fp32", "int8-dynamic")
+RECIPES = ("fp32", "int8-dynamic", "int8-weight-only")
 
 
 def quant_config(recipe: str, mcfg):
@@ -18,6 +18,8 @@ def quant_config(recipe: str, mcfg):
         return None
     if recipe == "int8-dynamic":  # int8 weights per channel; activations quantized on the fly
         return quant_recipes.full_dynamic_recipe(mcfg=mcfg)
+    if recipe == "int8-weight-only":  # int8 weights per channel; the arithmetic stays fp32
+        return quant_recipes.full_weight_only_recipe(mcfg=mcfg)
     raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
 
 
