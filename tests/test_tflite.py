@@ -87,11 +87,30 @@ def test_tflite_matches_reference(toy, toy_tfl):
 def test_cache_reused_and_keyed(toy, toy_tfl, tfl_root):
     again = get_backend("tflite", toy, prefill_len=16, kv_len=48, root=tfl_root)
     assert not again.info["converted_now"] and again.path == toy_tfl.path
-    assert again.info["peak_rss_gb"] > 0 and again.info["convert_seconds"] > 0
+    assert again.info["peak_rss_gb"] > 0 and again.info["seconds"] > 0 and again.info["step"] == "conversion"
     base = build.model_path(toy, "fp32", 16, 48)[0]
     assert base == build.model_path(toy, "fp32", 16, 48)[0]
     assert base != build.model_path(toy, "int8-dynamic", 16, 48)[0]
     assert base != build.model_path(toy, "fp32", 32, 48)[0]
+
+
+def test_int8_rewritten_from_the_cached_fp32_file(toy, toy_tfl, tfl_root):
+    fp32_written = toy_tfl.path.stat().st_mtime_ns
+    int8 = get_backend("tflite-int8", toy, prefill_len=16, kv_len=48, root=tfl_root)
+    assert int8.recipe == "int8-hadamard" and int8.info["step"] == "quantization" and int8.info["seconds"] > 0
+    assert toy_tfl.path.stat().st_mtime_ns == fp32_written  # the fp32 file was reused, not converted again
+    assert int8.path.stat().st_size < 0.5 * toy_tfl.path.stat().st_size
+    ids = list(range(3, 40))
+    a, b = quality.teacher_forced(int8, ids), quality.teacher_forced(toy_tfl, ids)
+    assert quality.top1_agreement(a, b) >= 0.8
+
+
+def test_recipes(toy, tfl_root):
+    from llmbook.litert_llama import convert
+
+    assert build.RECIPES == convert.RECIPES
+    with pytest.raises(ValueError, match="unknown recipe 'int4'"):
+        build.load_or_convert(toy, "int4", 16, 48, root=tfl_root)
 
 
 def test_bad_input(toy_tfl):

@@ -1,9 +1,10 @@
 """Converted .tflite files cached on disk, keyed by model, config, weights, shapes, recipe and code.
 
 A file lives in `cache_dir()/tflite/<model>-<recipe>-p<prefill>-kv<kv>-<key>.tflite` with a `.json`
-beside it: what the key was made of, and the conversion's wall time and peak memory, measured in the
-subprocess that converted it (conversion holds ~4 GB for SmolLM2; a subprocess gives it back and
-lets getrusage report its peak alone).
+beside it: what the key was made of, and the wall time and peak memory of the step that made it,
+measured in the subprocess that ran it (conversion holds ~4 GB for SmolLM2; a subprocess gives it
+back and lets getrusage report its peak alone). The fp32 file is converted from PyTorch; an int8
+file is rewritten from the cached fp32 one by ai_edge_quantizer (`step` says which).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from pathlib import Path
 
 from ..checkpoint import cache_dir
 
-VERSION = "1"  # bump when what is converted changes in a way the key cannot see
+VERSION = "2"  # bump when what is converted changes in a way the key cannot see
 HERE = Path(__file__).resolve().parent
+RECIPES = ("fp32", "int8-dynamic", "int8-weight-only", "int8-hadamard")  # convert.RECIPES, without importing litert-torch
 
 
 def weights_digest(state_dict) -> str:
@@ -36,12 +38,15 @@ def weights_digest(state_dict) -> str:
 
 
 def cache_key(bundle, recipe: str, prefill_len: int, kv_len: int) -> dict:
+    from importlib.metadata import version
+
     import litert_torch.version
 
     source = hashlib.sha256(b"".join((HERE / f).read_bytes() for f in ("model.py", "convert.py"))).hexdigest()[:16]
     return {"model": bundle.name, "config": dataclasses.asdict(bundle.config), "weights": weights_digest(bundle.state_dict),
             "recipe": recipe, "prefill_len": prefill_len, "kv_len": kv_len,
-            "litert_torch": litert_torch.version.__version__, "version": VERSION, "source": source}
+            "litert_torch": litert_torch.version.__version__,
+            "ai_edge_quantizer": version("ai-edge-quantizer"), "version": VERSION, "source": source}
 
 
 def model_path(bundle, recipe: str, prefill_len: int, kv_len: int, root: Path | None = None) -> tuple[Path, dict]:
@@ -52,9 +57,12 @@ def model_path(bundle, recipe: str, prefill_len: int, kv_len: int, root: Path | 
 
 
 def load_or_convert(bundle, recipe: str, prefill_len: int, kv_len: int, root: Path | None = None) -> tuple[Path, dict]:
-    """(path, info): info has the key, `convert_seconds`, `peak_rss_gb`, `bytes` and `converted_now`."""
+    """(path, info): info has the key, `step` (conversion or quantization), `seconds` and `peak_rss_gb`
+    of that step, `bytes` and `converted_now`."""
     if prefill_len > kv_len:
         raise ValueError(f"prefill length {prefill_len} exceeds the KV cache of {kv_len}")
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     path, key = model_path(bundle, recipe, prefill_len, kv_len, root)
     meta = path.with_suffix(".json")
     converted_now = not (path.exists() and meta.exists())
@@ -65,11 +73,13 @@ def load_or_convert(bundle, recipe: str, prefill_len: int, kv_len: int, root: Pa
         log = path.with_suffix(".log")
         cmd = [sys.executable, "-m", "llmbook.litert_llama.build", "--checkpoint", str(bundle.path),
                "--out", tmp, "--recipe", recipe, "--prefill", str(prefill_len), "--kv", str(kv_len)]
+        if recipe != "fp32":
+            cmd += ["--from-fp32", str(load_or_convert(bundle, "fp32", prefill_len, kv_len, root)[0])]
         with open(log, "w") as f:  # the converter's progress lines go to the log, not the reader's screen
             done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
         if done.returncode:
             os.unlink(tmp)
-            raise RuntimeError(f"conversion failed (exit {done.returncode}); last lines of {log}:\n"
+            raise RuntimeError(f"{recipe} build failed (exit {done.returncode}); last lines of {log}:\n"
                                + "".join(log.read_text().splitlines(True)[-20:]))
         info = json.loads(Path(tmp + ".json").read_text()) | {"key": key}
         Path(tmp + ".json").unlink()
@@ -86,23 +96,27 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--prefill", type=int, required=True)
     ap.add_argument("--kv", type=int, required=True)
+    ap.add_argument("--from-fp32", help="quantize this converted fp32 file instead of converting")
     args = ap.parse_args(argv)
     from .compat import import_generative
 
     import_generative()
     from ..checkpoint import load_model
-    from .convert import convert
-    from .model import build_model
+    from .convert import convert, quantize
+    from .model import build_model, model_config
 
     t0 = time.perf_counter()
     bundle = load_model(args.checkpoint)
     t1 = time.perf_counter()
-    model = build_model(bundle.config, bundle.state_dict, args.kv)
-    convert(model, args.out, args.prefill, args.kv, args.recipe)
+    if args.from_fp32:
+        quantize(args.from_fp32, args.out, args.recipe, model_config(bundle.config, args.kv))
+    else:
+        convert(build_model(bundle.config, bundle.state_dict, args.kv), args.out, args.prefill, args.kv)
     t2 = time.perf_counter()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
     Path(args.out + ".json").write_text(json.dumps({
-        "load_seconds": t1 - t0, "convert_seconds": t2 - t1, "peak_rss_gb": peak_kb / 2**20}))
+        "step": "quantization" if args.from_fp32 else "conversion",
+        "load_seconds": t1 - t0, "seconds": t2 - t1, "peak_rss_gb": peak_kb / 2**20}))
     return 0
 
 

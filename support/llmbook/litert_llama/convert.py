@@ -1,30 +1,37 @@
 # Generated from notebooks/07_tflite.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
-"""PyTorch -> one .tflite with a `prefill` and a `decode` signature, fp32 or int8 (dynamic or weight-only)."""
+"""PyTorch -> one .tflite with a `prefill` and a `decode` signature (fp32); int8 files are rewritten from it."""
+from pathlib import Path
+
 import litert_torch
 import torch
+from ai_edge_quantizer import recipe as aeq_recipes
+from ai_edge_quantizer.algorithm_manager import AlgorithmName
 from litert_torch.generative.layers import kv_cache as kv_utils
 from litert_torch.generative.quantize import quant_recipes
 from litert_torch.generative.utilities.converter import ExportableModule
 from litert_torch.generative.utilities.export_config import ExportConfig
+from litert_torch.quantize import translate_recipe
 
-RECIPES = ("fp32", "int8-dynamic", "int8-weight-only")
+RECIPES = ("fp32", "int8-dynamic", "int8-weight-only", "int8-hadamard")
 
 
-def quant_config(recipe: str, mcfg):
-    """litert-torch's quantization recipe for a name (None: keep fp32)."""
-    if recipe == "fp32":
-        return None
+def quant_recipe(recipe: str, mcfg):
+    """The ai_edge_quantizer recipe for an int8 recipe name."""
     if recipe == "int8-dynamic":  # int8 weights per channel; activations quantized on the fly
-        return quant_recipes.full_dynamic_recipe(mcfg=mcfg)
-    if recipe == "int8-weight-only":  # int8 weights per channel; the arithmetic stays fp32
-        return quant_recipes.full_weight_only_recipe(mcfg=mcfg)
-    raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+        generative = quant_recipes.full_dynamic_recipe(mcfg=mcfg).generative_recipe
+    elif recipe == "int8-weight-only":  # int8 weights per channel; the arithmetic stays fp32
+        generative = quant_recipes.full_weight_only_recipe(mcfg=mcfg).generative_recipe
+    elif recipe == "int8-hadamard":  # int8 dynamic after a Hadamard rotation; litert-torch has no name for it
+        return aeq_recipes.dynamic_wi8_afp32(algorithm_key=AlgorithmName.DECOMPOSED_HADAMARD_ROTATION)
+    else:
+        raise ValueError(f"unknown int8 recipe {recipe!r}; known: {', '.join(RECIPES[1:])}")
+    return translate_recipe.translate_to_ai_edge_recipe(generative)
 
 
-def convert(model, path, prefill_len: int, kv_len: int, recipe: str = "fp32") -> str:
-    """Trace `model` twice (prefill of `prefill_len` tokens, decode of one) into one .tflite file.
+def convert(model, path, prefill_len: int, kv_len: int) -> str:
+    """Trace `model` twice (prefill of `prefill_len` tokens, decode of one) into one fp32 .tflite file.
 
     Both signatures take tokens, positions and the whole KV cache (one input per layer for k and v)
     and return logits plus the updated cache: the caller holds the cache and feeds it back."""
@@ -38,6 +45,14 @@ def convert(model, path, prefill_len: int, kv_len: int, recipe: str = "fp32") ->
                   input_pos=torch.tensor([0], dtype=torch.int), kv_cache=kv)
     edge = (litert_torch.signature("prefill", module, sample_kwargs=prefill)
             .signature("decode", module, sample_kwargs=decode)
-            .convert(quant_config=quant_config(recipe, mcfg)))
+            .convert())
     edge.export(str(path))
+    return str(path)
+
+
+def quantize(fp32_path, path, recipe: str, mcfg) -> str:
+    """Rewrite a converted fp32 file into an int8 one. `convert(quant_config=...)` does the same after
+    its fp32 conversion; done here, one conversion serves every recipe and each costs seconds."""
+    data = translate_recipe.quantize_model(Path(fp32_path).read_bytes(), quant_recipe(recipe, mcfg))
+    Path(path).write_bytes(data)
     return str(path)
