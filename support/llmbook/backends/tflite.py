@@ -3,39 +3,18 @@ fp32, and int8 with Hadamard rotation (the int8 recipe of chapter 7 that keeps t
 
 The fp32 .tflite file is converted on first use (in a subprocess: about 2 minutes and 4 GB for SmolLM2
 on the 2-core machine), the int8 one rewritten from it by ai_edge_quantizer (seconds); both are cached
-on disk keyed by model, config, weights, shapes and recipe (llmbook.litert_llama.build).
+on disk keyed by model, config, weights, shapes, recipe and environment (llmbook.litert_llama.build).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import tempfile
-
 from . import RunnerBackend
+from ..quiet import XNNPACK_DELEGATE, dropping_stderr
 
-BANNER = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 
-
-@contextlib.contextmanager
 def without_delegate_banner():
-    """LiteRT's C++ side prints BANNER to file descriptor 2 the first time a process runs a model.
-    Jupyter forwards such output asynchronously, so it lands in whichever cell happens to be running
-    and the stored outputs would differ run to run. Inside this block fd 2 goes to a file; every other
-    line is written back to stderr afterwards, so nothing but the banner is dropped."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            f.seek(0)
-            rest = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip() != BANNER]
-            if rest:
-                print("\n".join(rest), file=sys.stderr)
+    """LiteRT's C++ side prints its XNNPACK banner to fd 2 the first time a process runs a model;
+    inside this block it is dropped, every other line of stderr kept (llmbook.quiet says why)."""
+    return dropping_stderr(XNNPACK_DELEGATE)
 
 
 class TFLiteBackend(RunnerBackend):

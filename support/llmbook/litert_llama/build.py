@@ -1,4 +1,4 @@
-"""Converted .tflite files cached on disk, keyed by model, config, weights, shapes, recipe and code.
+"""Converted .tflite files cached on disk, keyed by model, config, weights, shapes, recipe, code and environment.
 
 A file lives in `cache_dir()/tflite/<model>-<recipe>-p<prefill>-kv<kv>-<key>.tflite` with a `.json`
 beside it: what the key was made of, and the wall time and peak memory of the step that made it,
@@ -37,16 +37,24 @@ def weights_digest(state_dict) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(bundle, recipe: str, prefill_len: int, kv_len: int) -> dict:
-    from importlib.metadata import version
+def environment_digest() -> str:
+    """Every installed distribution and its version, hashed. The converter's output depends on more
+    than litert-torch and the quantizer (a fresh environment two days later, those two unchanged,
+    wrote a different int8 file), so any change of the environment makes a new key."""
+    from importlib.metadata import distributions
 
-    import litert_torch.version
+    pins = sorted({f"{d.metadata['Name'].lower()}=={d.version}" for d in distributions()})
+    return hashlib.sha256("\n".join(pins).encode()).hexdigest()[:16]
+
+
+def cache_key(bundle, recipe: str, prefill_len: int, kv_len: int) -> dict:
+    from importlib.metadata import version  # not `import litert_torch`: that loads the converter library
 
     source = hashlib.sha256(b"".join((HERE / f).read_bytes() for f in ("model.py", "convert.py"))).hexdigest()[:16]
     return {"model": bundle.name, "config": dataclasses.asdict(bundle.config), "weights": weights_digest(bundle.state_dict),
             "recipe": recipe, "prefill_len": prefill_len, "kv_len": kv_len,
-            "litert_torch": litert_torch.version.__version__,
-            "ai_edge_quantizer": version("ai-edge-quantizer"), "version": VERSION, "source": source}
+            "litert_torch": version("litert-torch"), "ai_edge_quantizer": version("ai-edge-quantizer"),
+            "environment": environment_digest(), "version": VERSION, "source": source}
 
 
 def model_path(bundle, recipe: str, prefill_len: int, kv_len: int, root: Path | None = None) -> tuple[Path, dict]:

@@ -13,6 +13,9 @@ of the .tflite format, generated code that `ai-edge-litert` (already a dependenc
 module is imported we register the LiteRT copy under the TensorFlow name, then remove the stand-in
 packages again, so nothing else (litert-torch's own `converter_v2.is_supported()`, transformers)
 mistakes them for a real TensorFlow. Installing TensorFlow (~600 MB) would also work.
+
+Importing litert_torch also loads its MLIR converter library, which logs two lines through absl
+(oneDNN is on) straight to file descriptor 2; they are dropped there (llmbook.quiet says why).
 """
 import importlib
 import importlib.machinery
@@ -20,12 +23,15 @@ import importlib.util
 import sys
 import types
 
+from llmbook.quiet import ABSL_PREAMBLE, ONEDNN_ON, dropping_stderr
+
 _SCHEMA = "tensorflow.lite.python.schema_py_generated"
 
 
 def import_generative():
     """Import litert_torch.generative's LoRA module (and so the whole API) with or without TensorFlow."""
-    import litert_torch  # noqa: F401  (first: its __init__ must not see the stand-ins)
+    with dropping_stderr(ABSL_PREAMBLE, ONEDNN_ON):
+        import litert_torch  # noqa: F401  (first: its __init__ must not see the stand-ins)
 
     if "litert_torch.generative.layers.lora" in sys.modules or importlib.util.find_spec("tensorflow"):
         return importlib.import_module("litert_torch.generative")
