@@ -34,7 +34,7 @@ prepare: venv
 # Package tests, the notebooks-vs-package check, and every chapter re-executed under nbval
 test: prepare
 	$(PY) -m llmbook.export --check
-	$(PY) -m pytest -q -p no:cacheprovider $(NBVAL) tests notebooks
+	$(PY) -m pytest -q -rs -p no:cacheprovider $(NBVAL) tests notebooks
 
 # Execute every chapter and render the HTML book into _build/html
 book: prepare
