@@ -33,7 +33,7 @@ def test_restores_stderr_after_an_exception(capfd):
     assert capfd.readouterr().err == "kept\nafter\n"
 
 
-def test_importing_litert_torch_is_quiet(capfd):
+def test_importing_litert_torch_is_quiet():
     import subprocess
     import sys
 
