@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -89,6 +90,23 @@ def test_no_weights(toy_dir, tmp_path):
     dest = copy_with(toy_dir, tmp_path)
     (dest / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        load_model(dest)
+
+
+def test_truncated_weights(toy_dir, tmp_path):
+    dest = copy_with(toy_dir, tmp_path)
+    weights = dest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    message = f"{re.escape(str(weights))} is not a valid safetensors file"
+    with pytest.raises(CheckpointError, match=message):
+        load_model(dest)
+
+
+def test_config_not_json(toy_dir, tmp_path):
+    dest = copy_with(toy_dir, tmp_path)
+    (dest / "config.json").write_text('{"model_type": "llama",')
+    message = f"{re.escape(str(dest / 'config.json'))} is not valid JSON"
+    with pytest.raises(CheckpointError, match=message):
         load_model(dest)
 
 

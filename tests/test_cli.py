@@ -1,4 +1,6 @@
 import json
+import random
+import shutil
 import subprocess
 import sys
 
@@ -39,10 +41,65 @@ def test_bad_arguments(args, message, capsys):
 
 
 def test_malformed_token_ids(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["compare", "--backend", "hf", "--token-ids", "1,x"])
-    assert exit_info.value.code == 2
-    assert "--token-ids must be comma-separated integers" in capsys.readouterr().err
+    assert main(["compare", "--backend", "hf", "--token-ids", "1,x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --token-ids: must be comma-separated integers")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "llmbook", *args], capture_output=True, text=True)
+
+
+def assert_one_line_error(proc, name):
+    """Non-zero exit, one `error: ...` line on stderr that names `name`, no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and name in lines[0], lines[0]
+
+
+def truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("name, corrupt", [
+    ("model.safetensors", truncate),
+    ("model.safetensors", lambda f: f.write_bytes(random.Random(0).randbytes(4096))),
+    ("model.safetensors", lambda f: f.write_bytes(b"")),
+    ("config.json", lambda f: f.write_text('{"model_type": "llama",')),
+    ("config.json", lambda f: f.write_bytes(b"\xff\xfe{}")),
+    ("config.json", lambda f: f.write_text("[1, 2]")),
+    ("config.json", lambda f: f.write_text("{}")),
+], ids=["truncated", "random-bytes", "empty", "invalid-json", "not-utf8", "json-list",
+        "no-model-type"])
+def test_corrupt_checkpoint_file(toy_dir, tmp_path, name, corrupt):
+    dest = tmp_path / "ckpt"
+    shutil.copytree(toy_dir, dest)
+    corrupt(dest / name)
+    proc = run_cli("compare", "--backend", "hf", "--model", str(dest), "--token-ids", "1,2")
+    assert_one_line_error(proc, str(dest / name))
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["compare", "--backend", "hf", "--token-ids", "1", "--steps", "0"], "--steps"),
+    (["compare", "--backend", "hf", "--token-ids", "1", "--steps", "-5"], "--steps"),
+    (["compare", "--backend", "hf", "--token-ids", "1", "--steps", "x"], "--steps"),
+    (["generate", "--backend", "hf", "--token-ids", "1", "--max-tokens", "0"], "--max-tokens"),
+    (["generate", "--backend", "hf", "--token-ids", "1", "--max-tokens", "-1"], "--max-tokens"),
+    (["compare", "--backend", "hf", "--token-ids", "1", "--threads", "0"], "--threads"),
+    (["generate", "--backend", "hf", "--token-ids", "1", "--threads", "-2"], "--threads"),
+    (["bench", "--threads", "0"], "--threads"),
+    (["bench", "--tokens", "0"], "--tokens"),
+    (["bench", "--repeats", "-1"], "--repeats"),
+    (["bench", "--prompt-lengths", "16,x"], "--prompt-lengths"),
+    (["bench", "--prompt-lengths", "16,0"], "--prompt-lengths"),
+    (["compare", "--backend", "hf", "--token-ids", "1,x"], "--token-ids"),
+])
+def test_bad_flag_value(args, flag):
+    proc = run_cli(*args)
+    assert_one_line_error(proc, f"argument {flag}: ")
+    assert "must be" in proc.stderr and proc.stderr.count("--") == 2  # the flag and `--help`
 
 
 def test_prompt_longer_than_context(toy_dir, capsys):

@@ -217,16 +217,40 @@ def export_smollm2(dest: Path) -> Path:
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors in a safetensors checkpoint directory, without loading them."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors weights")
     shapes = {}
     for f in files:
-        with safe_open(f, framework="np") as st:
-            shapes |= {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        try:  # a truncated or corrupt file fails here, on its header
+            with safe_open(f, framework="np") as st:
+                shapes |= {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        except SafetensorError as e:
+            raise CheckpointError(f"{f} is not a valid safetensors file: {e}") from e
     return shapes
+
+
+def read_config(path: Path) -> dict:
+    """The config.json of a checkpoint directory, checked to be a JSON object of a Llama model.
+
+    Checked here because transformers reports a broken file as an OSError and an unknown
+    model_type in a page of text, neither naming what is wrong in one line.
+    """
+    file = path / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not an object")
+    if "model_type" not in raw:
+        raise CheckpointError(f"{file} has no model_type (expected 'llama')")
+    if raw["model_type"] != "llama":
+        raise CheckpointError(f"{file}: model_type {raw['model_type']!r} is not a Llama checkpoint "
+                              "(expected 'llama')")
+    return raw
 
 
 @functools.cache
@@ -252,6 +276,7 @@ def load_model(path: str | Path | None = None) -> Bundle:
             raise CheckpointError(f"{path} is not a directory")
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} is not a Hugging Face checkpoint: config.json is missing")
+    read_config(path)
     hf_cfg = transformers.AutoConfig.from_pretrained(path)
     cfg = LlamaConfig.from_hf(hf_cfg)
     check_shapes(read_shapes(path), cfg)

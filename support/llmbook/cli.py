@@ -15,28 +15,60 @@ from .checkpoint import CheckpointError, load_model
 from .generation import ContextError, compare, stream
 
 
-def token_ids(text: str) -> list[int]:
+# argparse types; their messages leave out the flag: argparse puts "argument --flag: " before them.
+def positive_int(text: str) -> int:
     try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
+        n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--token-ids must be comma-separated integers, got {text!r}")
-    if not ids:
-        raise argparse.ArgumentTypeError("--token-ids is empty")
-    return ids
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        msg = f"must be comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not values:
+        raise argparse.ArgumentTypeError("is empty")
+    return values
+
+
+def token_ids(text: str) -> list[int]:
+    return int_list(text)  # the range is checked against the vocabulary once the model is loaded
+
+
+def prompt_lengths(text: str) -> list[int]:
+    lengths = int_list(text)
+    if bad := [n for n in lengths if n < 1]:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {', '.join(map(str, bad))}")
+    return lengths
+
+
+class UsageError(Exception):
+    """Bad command-line arguments; main() prints it as one line, like every other error."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m llmbook", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m llmbook", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--backend", required=True, help=f"one of: {', '.join(backends.names())}")
     common.add_argument("--model", default=None, help="Hugging Face Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
-    common.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    common.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
 
     g = sub.add_parser("generate", parents=[common], help="generate text")
     g.add_argument("--prompt", help="user message, rendered with the chat template")
     g.add_argument("--token-ids", type=token_ids, help="raw prompt token ids, e.g. 1,2,3 (for checkpoints without tokenizer)")
-    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--max-tokens", type=positive_int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -46,16 +78,16 @@ def parser() -> argparse.ArgumentParser:
     group = c.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt")
     group.add_argument("--token-ids", type=token_ids)
-    c.add_argument("--steps", type=int, default=20, help="greedy tokens to compare")
+    c.add_argument("--steps", type=positive_int, default=20, help="greedy tokens to compare")
 
     b = sub.add_parser("bench", help="time every engine (or --backends) on one checkpoint; writes JSON and figures")
     b.add_argument("--model", default=None, help="Hugging Face Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
     b.add_argument("--backends", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help=f"comma-separated, default: all of {','.join(backends.names())} that run here")
-    b.add_argument("--prompt-lengths", type=token_ids, default=[16, 64, 256], help="prefill lengths, e.g. 16,64,256")
-    b.add_argument("--tokens", type=int, default=64, help="decode steps per timed run")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    b.add_argument("--prompt-lengths", type=prompt_lengths, default=[16, 64, 256], help="prefill lengths, e.g. 16,64,256")
+    b.add_argument("--tokens", type=positive_int, default=64, help="decode steps per timed run")
+    b.add_argument("--repeats", type=positive_int, default=3)
+    b.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     b.add_argument("--out", default=None, help="output directory (default: bench-<model name>)")
 
     sub.add_parser("prepare", help="convert SmolLM2 from its GGUF into the on-disk cache")
@@ -70,8 +102,6 @@ def bench(args) -> int:
     matplotlib.use("Agg")
     from . import bench as harness
 
-    if args.tokens < 1 or args.repeats < 1:
-        raise ValueError("--tokens and --repeats must be at least 1")
     if args.backends is not None and (unknown := [n for n in args.backends if n not in backends.names()]):
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known backends: {', '.join(backends.names())}")
     bundle = load_model(args.model)
@@ -136,9 +166,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
     try:
-        return run(args)
-    except (CheckpointError, ContextError, backends.BackendUnavailable, ValueError) as e:
+        return run(parser().parse_args(argv))
+    except (UsageError, CheckpointError, ContextError, backends.BackendUnavailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
