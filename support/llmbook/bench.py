@@ -2,7 +2,7 @@
 the same prompts; prefill time against prompt length, decode speed against generated length; the
 median and spread of several repeats, and the machine's limits measured in the same run.
 
-Prompts are cut from the public-domain text shipped in book/data, so every engine and every device
+Prompts are cut from the public-domain text shipped in the package (llmbook/data), so every engine and every device
 reads the same tokens. Engines that are not installed, or have no device here, are listed as skipped
 with the reason, never silently left out.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from . import backends, device, roofline, timing
 from .generation import check_context
 
-TEXT = Path(__file__).resolve().parents[2] / "book" / "data" / "public_domain.txt"
+TEXT = resources.files("llmbook") / "data" / "public_domain.txt"  # package data: also in a wheel
 ENGINES = backends.names()  # every engine the book has, in the registry's order
 
 
@@ -136,7 +137,8 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
         context = decode_prompt + decode_tokens // 2
         step_bytes = w + roofline.kv_bytes_per_token(cfg, context)
         roof = limits["bandwidth_gbs"] * 1e9 / step_bytes
-        doc["engines"][name] = {"prefill": pre, "decode": dec, "decode_bytes_per_token": step_bytes,
+        doc["engines"][name] = {"device": getattr(engine, "device", "cpu"),
+                                "prefill": pre, "decode": dec, "decode_bytes_per_token": step_bytes,
                                 "decode_roofline_tok_s": roof, "roofline_fraction": dec["tok_s"] / roof}
     bar.close()
     return doc

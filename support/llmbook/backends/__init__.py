@@ -5,6 +5,8 @@ A backend holds one sequence's KV cache:
     prefill(ids)       run the prompt, fill the cache, return the last position's logits (np.float32 [vocab])
     decode(token)      run one token, extend the cache, return its logits
     max_context        most tokens (prompt + generated) the backend can hold
+    device             where it computes: "cpu" (the default), or "gpu" (MLX on Metal); the
+                       measured CPU bandwidth bounds only the engines on the CPU
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 import mlx.core as mx
 import numpy as np
 
+from ..device import mlx_device
 from ..mlx_llama.convert import hf_to_mlx, load_weights
 from ..mlx_llama.model import Llama
 from . import StepBackend
@@ -9,6 +10,7 @@ from . import StepBackend
 
 class MLXBackend(StepBackend):
     name = "mlx"
+    device = mlx_device()  # "gpu" on a Mac: MLX computes on Metal by default
 
     def __init__(self, bundle):
         self.model = load_weights(Llama(bundle.config), hf_to_mlx(bundle.state_dict))
