@@ -23,7 +23,8 @@ def test_an_edited_notebook_is_detected(tmp_path, monkeypatch):
     shutil.copytree(export.ROOT / "support" / "llmbook", root / "support" / "llmbook")
     nb_path = root / "notebooks" / "01_attention.ipynb"
     nb = json.loads(nb_path.read_text())
-    cell = next(c for c in nb["cells"] if "".join(c["source"]).startswith(export.MARKER))
+    cell = next(c for c in nb["cells"] if "".join(c["source"]).startswith(export.MARKER)
+                and "self.scale = " in "".join(c["source"]))
     cell["source"] = "".join(cell["source"]).replace("self.scale = ", "self.scale = 2 * ")
     nb_path.write_text(json.dumps(nb))
     monkeypatch.setattr(export, "ROOT", root)

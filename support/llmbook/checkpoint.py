@@ -23,6 +23,38 @@ class CheckpointError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3RoPE:
+    """Llama 3's RoPE scaling (`rope_type: "llama3"`): the frequencies whose wavelength exceeds
+    the original context are divided by `factor`, the short ones are kept, and those between are
+    blended (llmbook.rope computes them; chapter 1 explains it)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, rope: dict) -> "Llama3RoPE":
+        keys = [f.name for f in dataclasses.fields(cls)]
+        if missing := [k for k in keys if k not in rope]:
+            raise CheckpointError(f"rope_type 'llama3' needs {', '.join(missing)} in rope_parameters")
+        try:
+            scaling = cls(float(rope["factor"]), float(rope["low_freq_factor"]),
+                          float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"rope_type 'llama3' has a non-numeric setting: {e}") from None
+        if not (scaling.factor > 0 and scaling.original_max_position_embeddings > 0
+                and 0 < scaling.low_freq_factor < scaling.high_freq_factor):
+            raise CheckpointError(f"rope_type 'llama3' settings out of range: {scaling} (need factor > 0, "
+                                  "original_max_position_embeddings > 0, 0 < low_freq_factor < high_freq_factor)")
+        return scaling
+
+    def as_dict(self) -> dict:
+        """The settings as transformers (rope_parameters) and TVM (rope_scaling) spell them."""
+        return {"rope_type": "llama3", **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """The few numbers that define a Llama-family decoder."""
 
@@ -37,14 +69,18 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
+    rope_scaling: Llama3RoPE | None = None  # None: plain RoPE
 
     @classmethod
     def from_hf(cls, c) -> "LlamaConfig":
         if getattr(c, "model_type", None) != "llama":
             raise CheckpointError(f"model_type {getattr(c, 'model_type', None)!r} is not a Llama checkpoint (expected 'llama')")
         rope = getattr(c, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise CheckpointError(f"rope_type {rope['rope_type']!r} is not supported (only the default RoPE)")
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ("default", "llama3"):
+            raise CheckpointError(f"rope_type {rope_type!r} is not supported (only the default RoPE and 'llama3')")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise CheckpointError(f"partial_rotary_factor {rope['partial_rotary_factor']} is not supported (RoPE on the whole head only)")
         for flag in ("attention_bias", "mlp_bias"):
             if getattr(c, flag, False):
                 raise CheckpointError(f"{flag}=True is not supported")
@@ -62,6 +98,7 @@ class LlamaConfig:
             rms_norm_eps=float(c.rms_norm_eps),
             tie_word_embeddings=bool(c.tie_word_embeddings),
             max_position_embeddings=int(c.max_position_embeddings),
+            rope_scaling=Llama3RoPE.from_hf(rope) if rope_type == "llama3" else None,
         )
 
     def to_hf(self, **extra):
@@ -75,7 +112,8 @@ class LlamaConfig:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta}
+            if self.rope_scaling is None else self.rope_scaling.as_dict() | {"rope_theta": self.rope_theta},
             rms_norm_eps=self.rms_norm_eps,
             tie_word_embeddings=self.tie_word_embeddings,
             max_position_embeddings=self.max_position_embeddings,
@@ -318,4 +356,8 @@ TOY_SEED = LlamaConfig(  # the MLX example's random model
 TOY_GQA = LlamaConfig(  # another shape: GQA 8/2, head_dim 32, other rope_theta, untied head
     vocab_size=512, hidden_size=128, intermediate_size=320, num_layers=3, num_heads=8, num_kv_heads=2,
     head_dim=32, rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=256,
+)
+TOY_LLAMA3 = dataclasses.replace(  # TOY_GQA with Llama 3's RoPE scaling and a short original context
+    TOY_GQA, rope_scaling=Llama3RoPE(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=32),
 )

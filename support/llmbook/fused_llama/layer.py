@@ -34,9 +34,13 @@ def fuse_weights(layer) -> LayerWeights:
     )
 
 
-def rope_tables(head_dim: int, theta: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [n, head_dim] for positions 0..n-1, in the rotate-half layout of HF checkpoints."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def rope_tables(head_dim: int, theta: float, n: int, inv_freq=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [n, head_dim] for positions 0..n-1, in the rotate-half layout of HF checkpoints.
+    inv_freq: other frequencies than theta's (Llama 3's scaled ones, from llmbook.rope)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    else:
+        inv_freq = torch.as_tensor(inv_freq, dtype=torch.float32)
     angles = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()

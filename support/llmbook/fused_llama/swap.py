@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from llmbook.checkpoint import LlamaConfig
 from llmbook.fused_llama.layer import fuse_weights, fused_decoder_layer, project, rope_tables
+from llmbook.rope import inv_freq
 
 
 class StaticKVCache:
@@ -19,7 +21,9 @@ class StaticKVCache:
         self.k = [torch.zeros(shape) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
-        self.cos, self.sin = rope_tables(head_dim, config.rope_parameters["rope_theta"], max_len)
+        cfg = LlamaConfig.from_hf(config)
+        scaled = None if cfg.rope_scaling is None else inv_freq(cfg)  # Llama 3's frequencies
+        self.cos, self.sin = rope_tables(head_dim, cfg.rope_theta, max_len, scaled)
 
 
 class FusedDecoderLayer(nn.Module):

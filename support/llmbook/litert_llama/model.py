@@ -2,11 +2,22 @@
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
 """A Llama-family decoder (SmolLM2 or any LlamaConfig) re-authored from litert-torch's building blocks."""
+import functools
+
 import litert_torch.generative.layers.model_config as lcfg
+import torch
 from litert_torch.generative.utilities import model_builder
 from litert_torch.generative.utilities.loader import ModelLoader
 
 from llmbook.checkpoint import LlamaConfig
+from llmbook.rope import inv_freq
+
+
+def scaled_rope(input_pos, n_elem: int, base: int, inv_freq: torch.Tensor):
+    """cos and sin like litert-torch's build_rope, from given frequencies (Llama 3's scaled
+    ones) instead of a base: ModelConfig.build_rope takes any such function."""
+    radians = input_pos.float()[None, :, None] * inv_freq[None, None, :]
+    return torch.cos(radians), torch.sin(radians)
 
 
 def model_config(cfg: LlamaConfig, max_seq_len: int) -> lcfg.ModelConfig:
@@ -16,6 +27,10 @@ def model_config(cfg: LlamaConfig, max_seq_len: int) -> lcfg.ModelConfig:
     if cfg.rope_theta != int(cfg.rope_theta):
         raise ValueError(f"litert-torch takes an integer RoPE base, got {cfg.rope_theta}")
     norm = lcfg.NormalizationConfig(type=lcfg.NormalizationType.RMS_NORM, epsilon=cfg.rms_norm_eps)
+    rope = {}  # plain RoPE: litert-torch's own build_rope, from rotary_base
+    if cfg.rope_scaling is not None:  # Llama 3: the scaled frequencies, traced as constants
+        scaled = torch.tensor(inv_freq(cfg), dtype=torch.float32)
+        rope = {"build_rope": functools.partial(scaled_rope, inv_freq=scaled)}
     block = lcfg.TransformerBlockConfig(
         attn_config=lcfg.AttentionConfig(
             num_heads=cfg.num_heads,
@@ -40,6 +55,7 @@ def model_config(cfg: LlamaConfig, max_seq_len: int) -> lcfg.ModelConfig:
         block_configs=block,  # one config shared by every layer
         final_norm_config=norm,
         lm_head_share_weight_with_embedding=cfg.tie_word_embeddings,
+        **rope,
     )
 
 

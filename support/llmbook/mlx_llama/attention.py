@@ -4,6 +4,23 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from llmbook.rope import inv_freq
+
+
+class ScaledRoPE(nn.Module):
+    """RoPE with given inverse frequencies (Llama 3's scaled ones): mx.fast.rope takes
+    them as periods 1 / theta_i, nn.RoPE only as a base."""
+
+    def __init__(self, dims: int, inv_freq, traditional: bool = False):
+        super().__init__()
+        self.dims, self.traditional = dims, traditional
+        # the leading underscore keeps the periods out of the parameters: not weights
+        self._periods = mx.array(1.0 / inv_freq, dtype=mx.float32)
+
+    def __call__(self, x, offset: int = 0):
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None,
+                            scale=1.0, offset=offset, freqs=self._periods)
+
 
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads, RoPE and a concatenating KV cache."""
@@ -18,6 +35,8 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         # Hugging Face checkpoints pair dimension i with i + d/2 (rotate-half): traditional=False
         self.rope = nn.RoPE(cfg.head_dim, traditional=rope_traditional, base=cfg.rope_theta)
+        if cfg.rope_scaling is not None:  # Llama 3: other frequencies, same rotation
+            self.rope = ScaledRoPE(cfg.head_dim, inv_freq(cfg), rope_traditional)
 
     def __call__(self, x, mask=None, cache=None):
         B, L, _ = x.shape

@@ -104,7 +104,9 @@ class LlamaForCausalLM(nn.Module):
             num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
             qk_head_dim=c.head_dim, v_head_dim=c.head_dim,
             mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling={},
+            # Llama 3's scaling is applied by the cache's own RoPE kernel, given its settings
+            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
+            rope_scaling={} if c.rope_scaling is None else c.rope_scaling.as_dict(),
             rope_ext_factors=relax.prim_value(0), rotary_dim=c.head_dim,
             enable_disaggregation=False, dtype="float32", target=self.target,
         )
