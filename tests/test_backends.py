@@ -2,10 +2,12 @@
 random checkpoints of two shapes (GQA 8/2 with an untied head; full multi-head, tied): parity
 with the reference, reset, the context error and bad token ids. An engine that cannot run here
 is skipped with the reason its backend gives."""
+import os
+
 import numpy as np
 import pytest
 
-from llmbook import backends
+from llmbook import backends, device
 from llmbook.backends.hf import HFBackend
 from llmbook.engine import Backend
 from llmbook.generation import ContextError, check_context, greedy
@@ -100,3 +102,19 @@ def test_runner_errors_name_the_engine(engine):
     with pytest.raises(ContextError, match=f"backend {engine.name!r}"):
         check_context(runner, runner.max_context, 1)
 
+
+def test_threads_reach_every_engine(toy, monkeypatch):
+    """--threads (device.use_threads) reaches the engines opened after it, and bench.run's own
+    use_threads() keeps it."""
+    import torch
+
+    monkeypatch.setenv("LLMBOOK_THREADS", os.environ.get("LLMBOOK_THREADS", str(device.threads())))
+    before = torch.get_num_threads()
+    try:
+        assert device.use_threads(1) == 1 and device.use_threads() == 1 and torch.get_num_threads() == 1
+        # llama.cpp reads the same device.threads(), but runs only SmolLM2's GGUF: not here
+        tvm = backends.get_backend("tvm", toy)
+        assert int(tvm.target.attrs["num-cores"]) == 1  # the compile target
+        assert backends.get_backend("tflite", toy).threads == 1  # LiteRT's interpreter
+    finally:
+        torch.set_num_threads(before)

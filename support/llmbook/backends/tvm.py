@@ -32,7 +32,7 @@ class TVMBackend(RunnerBackend):
         else:
             raise ValueError(f"TVM backend: device must be 'cpu' or 'cuda', got {device!r}")
         cfg = bundle.config
-        self.device = device
+        self.device, self.target = device, target
         self.module, names, self.build_info = build.load_or_build(
             bundle.name, cfg, target, root=root if cache else tempfile.mkdtemp(prefix="llmbook-tvm-"))
         params = to_device(hf_to_tvm(bundle.state_dict, cfg, progress=progress), names, cfg, dev)
