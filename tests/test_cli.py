@@ -124,3 +124,15 @@ def test_module_entry_point_on_smollm2():
                          capture_output=True, text=True, check=True).stdout
     result = last_json(out)
     assert result["greedy_match"] == 20 and result["max_abs_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["tvm", "tflite", "torch-fused"])
+def test_stderr_carries_no_library_noise(backend, toy_dir):
+    """torchao's "Failed to load" lines, torch's pytree deprecation, LiteRT's and absl's banners:
+    silenced where they start (llmbook/__init__.py, llmbook.quiet), so a clean run's stderr is
+    empty, and an error's is its one line."""
+    run = subprocess.run([sys.executable, "-m", "llmbook", "compare", "--backend", backend, "--model",
+                          str(toy_dir), "--token-ids", "1,2,3,4,5", "--steps", "3", "--threads", "1"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert last_json(run.stdout)["greedy_match"] == 3

@@ -91,7 +91,7 @@ def test_bad_input(toy):
         fused.prefill([1, toy.config.vocab_size])
     with pytest.raises(ValueError, match="no token ids"):
         fused.prefill([])
-    with pytest.raises(ContextError, match="static KV cache of 16"):
+    with pytest.raises(ContextError, match="torch-fused: 0 cached \\+ 17 new tokens exceed the context of 16"):
         fused.prefill([1] * 17)
     fused.prefill([1] * 15)
     fused.decode(2)

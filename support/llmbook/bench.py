@@ -96,11 +96,11 @@ def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3) -> 
             "tok_s_max": rates.max(0).tolist(), "tok_s": float(np.median(rates[:, -1])), "n": repeats}
 
 
-def weight_bytes(name: str, engine, cfg) -> int:
+def weight_bytes(engine, cfg) -> int:
     """Bytes of weights one decode step reads: fp32 engines read every parameter once; quantized
     engines read their file (int8 or 4-bit weights with their scales)."""
     path = getattr(engine, "path", None)
-    if name in ("tflite-int8", "llama.cpp") and path is not None:
+    if engine.quantized and path is not None:
         return Path(path).stat().st_size
     return roofline.weight_bytes_per_token(cfg)
 
@@ -133,7 +133,7 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
         bar.set_postfix_str(f"{name} decode")
         dec = decode_curve(engine, ids[:decode_prompt], decode_tokens, repeats)
         bar.update()
-        w = weight_bytes(name, engine, cfg)
+        w = weight_bytes(engine, cfg)
         context = decode_prompt + decode_tokens // 2
         step_bytes = w + roofline.kv_bytes_per_token(cfg, context)
         roof = limits["bandwidth_gbs"] * 1e9 / step_bytes

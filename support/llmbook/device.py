@@ -47,10 +47,14 @@ def threads_text(n: int | None = None) -> str:
 
 
 def use_threads(n: int | None = None) -> int:
-    """Set the thread count of every engine that reads one (torch now; TVM and MLX via env)."""
+    """Set the thread count of every engine: torch now; TVM's runtime and OpenMP through their
+    variables; and LLMBOOK_THREADS, which `threads()` reads, so the engines opened later (TVM's
+    compile target, LiteRT's interpreter, llama.cpp) and a later use_threads() with no count
+    (as bench.run makes) get the same count."""
     import torch
 
     n = n or threads()
+    os.environ["LLMBOOK_THREADS"] = str(n)
     torch.set_num_threads(n)
     os.environ["TVM_NUM_THREADS"] = str(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))

@@ -1,10 +1,8 @@
 """Engines behind one small interface, so the CLI, the comparisons and the benchmarks treat them alike.
 
-A backend holds one sequence's KV cache:
-    reset()            forget the cache
-    prefill(ids)       run the prompt, fill the cache, return the last position's logits (np.float32 [vocab])
-    decode(token)      run one token, extend the cache, return its logits
-    max_context        most tokens (prompt + generated) the backend can hold
+Each backend is an `llmbook.engine.Backend` (chapter 3 writes it down): name, max_context,
+quantized, reset(), prefill(ids), decode(token), each checking its input with
+`llmbook.engine.check_tokens`. One more, optional member:
     device             where it computes: "cpu" (the default), or "gpu" (MLX on Metal); the
                        measured CPU bandwidth bounds only the engines on the CPU
 """
@@ -13,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 from ..checkpoint import Bundle
+from ..engine import Backend, check_tokens  # noqa: F401  (Backend: re-exported for the backends)
 
 # name -> (module, class, what to install when it is missing). Modules import lazily: a reader
 # without TVM can still run the MLX backend.
@@ -33,21 +32,37 @@ class BackendUnavailable(RuntimeError):
 
 class StepBackend:
     """A backend whose engine takes any number of new tokens in one `_forward(ids)` call and
-    returns the last position's logits; `reset()` starts a new sequence."""
+    returns the last position's logits; `_reset()` empties the engine's cache. This class
+    counts the tokens cached (`length`) and checks every input before the engine sees it."""
+
+    quantized = False
+    length = 0
+
+    def reset(self):
+        self._reset()
+        self.length = 0
 
     def prefill(self, ids):
+        ids = check_tokens(ids, self.vocab_size, 0, self.max_context, self.name)
         self.reset()
-        return self._forward(list(ids))
+        return self._step(ids)
 
     def decode(self, token):
-        return self._forward([int(token)])
+        return self._step(check_tokens([token], self.vocab_size, self.length, self.max_context, self.name))
+
+    def _step(self, ids: list[int]):
+        logits = self._forward(ids)
+        self.length += len(ids)
+        return logits
 
 
 class RunnerBackend:
     """A backend whose engine-side runner (TVM's, LiteRT's) already speaks prefill/decode for one
-    sequence: the backend only builds or loads the engine and hands the calls on."""
+    sequence: the backend only builds or loads the engine and hands the calls on (the runner
+    checks the input with llmbook.engine.check_tokens)."""
 
     runner = None
+    quantized = False
 
     def reset(self):
         self.runner.reset()

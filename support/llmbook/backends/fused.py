@@ -4,7 +4,6 @@ import numpy as np
 import torch
 
 from ..fused_llama.swap import swap_in
-from ..generation import ContextError
 from . import StepBackend
 
 
@@ -17,19 +16,12 @@ class TorchFusedBackend(StepBackend):
         self.model = swap_in(bundle.hf_model, self.max_context, compile=compile)
         self.reset()
 
-    def reset(self):
-        # rows left from an earlier sequence stay in the cache; the mask never lets a token see them
-        self.pos = 0
+    def _reset(self):
+        pass  # rows left from an earlier sequence stay in the cache; the mask never lets a token see them
 
     @torch.inference_mode()
     def _forward(self, ids: list[int]) -> np.ndarray:
-        if not ids:
-            raise ValueError("no token ids")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"token id out of range [0, {self.vocab_size})")
-        if self.pos + len(ids) > self.max_context:
-            raise ContextError(f"{self.pos} cached + {len(ids)} new tokens exceed the static KV cache of {self.max_context}")
-        pos = torch.arange(self.pos, self.pos + len(ids))[None]
+        # the new tokens' positions follow the cached ones (StepBackend counts them)
+        pos = torch.arange(self.length, self.length + len(ids))[None]
         out = self.model(input_ids=torch.tensor([ids]), position_ids=pos, use_cache=False, logits_to_keep=1)
-        self.pos += len(ids)
         return out.logits[0, -1].float().numpy()

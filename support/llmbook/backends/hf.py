@@ -11,10 +11,11 @@ class HFBackend(StepBackend):
 
     def __init__(self, bundle):
         self.model = bundle.hf_model
+        self.vocab_size = bundle.config.vocab_size
         self.max_context = bundle.config.max_position_embeddings
         self.reset()
 
-    def reset(self):
+    def _reset(self):
         self.cache = DynamicCache(config=self.model.config)
 
     @torch.inference_mode()

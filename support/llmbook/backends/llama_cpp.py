@@ -9,11 +9,12 @@ import numpy as np
 from llama_cpp import Llama, llama_get_logits_ith  # not installed: get_backend reports it unavailable
 
 from . import BackendUnavailable
-from ..generation import ContextError
+from ..engine import check_tokens
 
 
 class LlamaCppBackend:
     name = "llama.cpp"
+    quantized = True  # the GGUF's 4-bit weights
 
     def __init__(self, bundle, n_ctx: int = 2048, threads: int | None = None):
         from ..checkpoint import smollm2_gguf
@@ -32,12 +33,6 @@ class LlamaCppBackend:
         self.llm.reset()
 
     def _eval(self, ids: list[int]) -> np.ndarray:
-        if not ids:
-            raise ValueError("no token ids")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"token id out of range [0, {self.vocab_size})")
-        if self.llm.n_tokens + len(ids) > self.max_context:
-            raise ContextError(f"{self.llm.n_tokens} + {len(ids)} tokens exceed the context of {self.max_context}")
         self.llm.eval(ids)
         # without logits_all, llama-cpp-python keeps no scores: read the last position's logits
         # from the context (valid until the next eval, hence the copy)
@@ -45,8 +40,9 @@ class LlamaCppBackend:
         return np.ctypeslib.as_array(last, shape=(self.vocab_size,)).astype(np.float32)
 
     def prefill(self, ids):
+        ids = check_tokens(ids, self.vocab_size, 0, self.max_context, self.name)
         self.reset()
-        return self._eval([int(t) for t in ids])
+        return self._eval(ids)
 
     def decode(self, token):
-        return self._eval([int(token)])
+        return self._eval(check_tokens([token], self.vocab_size, self.llm.n_tokens, self.max_context, self.name))

@@ -14,10 +14,11 @@ class MLXBackend(StepBackend):
 
     def __init__(self, bundle):
         self.model = load_weights(Llama(bundle.config), hf_to_mlx(bundle.state_dict))
+        self.vocab_size = bundle.config.vocab_size
         self.max_context = bundle.config.max_position_embeddings
         self.reset()
 
-    def reset(self):
+    def _reset(self):
         self.cache = None
 
     def _forward(self, ids):

@@ -30,7 +30,7 @@ class TFLiteBackend(RunnerBackend):
         prefill_len = min(prefill_len, kv_len)
         self.path, self.info = load_or_convert(bundle, self.recipe, prefill_len, kv_len, root)
         self.threads = threads or default_threads()
-        self.runner = LiteRTRunner(self.path, num_threads=self.threads)
+        self.runner = LiteRTRunner(self.path, num_threads=self.threads, name=self.name)
         with without_delegate_banner():  # the first run creates the XNNPACK delegate
             self.runner.decode(0)
         self.runner.reset()
@@ -44,3 +44,4 @@ class TFLiteInt8Backend(TFLiteBackend):
 
     name = "tflite-int8"
     recipe = "int8-hadamard"
+    quantized = True

@@ -32,9 +32,9 @@ class TVMBackend(RunnerBackend):
         else:
             raise ValueError(f"TVM backend: device must be 'cpu' or 'cuda', got {device!r}")
         cfg = bundle.config
-        self.device = device
+        self.device, self.target = device, target
         self.module, names, self.build_info = build.load_or_build(
             bundle.name, cfg, target, root=root if cache else tempfile.mkdtemp(prefix="llmbook-tvm-"))
         params = to_device(hf_to_tvm(bundle.state_dict, cfg, progress=progress), names, cfg, dev)
         self.max_context = min(max_context, cfg.max_position_embeddings)
-        self.runner = TVMRunner(self.module, params, dev, cfg.vocab_size, self.max_context)
+        self.runner = TVMRunner(self.module, params, dev, cfg.vocab_size, self.max_context, name=self.name)

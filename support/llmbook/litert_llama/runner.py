@@ -5,7 +5,7 @@
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from llmbook.generation import ContextError
+from llmbook.engine import check_tokens
 
 
 class LiteRTRunner:
@@ -15,9 +15,8 @@ class LiteRTRunner:
     (`kv_cache_k_0` ... `kv_cache_v_{L-1}`, each [1, kv_len, kv_heads, head_dim]) passed in and
     taken back on every call."""
 
-    name = "litert"
-
-    def __init__(self, path, num_threads: int):
+    def __init__(self, path, num_threads: int, name: str = "litert"):
+        self.name = name  # what its errors call it
         self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
         self.prefill_runner = self.interpreter.get_signature_runner("prefill")
         self.decode_runner = self.interpreter.get_signature_runner("decode")
@@ -33,15 +32,8 @@ class LiteRTRunner:
         self.kv = {k: np.zeros(s, np.float32) for k, s in self.kv_shapes.items()}
         self.pos = 0
 
-    def _check(self, ids):
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise ValueError("no token ids")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"token id out of range [0, {self.vocab_size})")
-        if self.pos + ids.size > self.kv_len:
-            raise ContextError(f"{self.pos} cached + {ids.size} new tokens exceed the KV cache of {self.kv_len}")
-        return ids.astype(np.int32)
+    def _check(self, ids, cached: int):
+        return np.asarray(check_tokens(ids, self.vocab_size, cached, self.kv_len, self.name), np.int32)
 
     def _run(self, runner, tokens, start):
         n = tokens.shape[1]
@@ -55,7 +47,7 @@ class LiteRTRunner:
         Full chunks of prefill_len go through `prefill`, padded with token 0 (the padding writes
         cache rows beyond the sequence that later tokens overwrite and the causal mask hides). A
         chunk that would run past the end of the cache goes token by token through `decode`."""
-        ids = self._check(ids)
+        ids = self._check(ids, self.pos)
         logits, i = [], 0
         while i < ids.size:
             chunk = ids[i:i + self.prefill_len]
@@ -71,6 +63,7 @@ class LiteRTRunner:
         return np.concatenate(logits).astype(np.float32)
 
     def prefill(self, ids) -> np.ndarray:
+        self._check(ids, 0)  # before forgetting the sequence
         self.reset()
         return self.forward(ids)[-1]
 

@@ -8,11 +8,13 @@ import tvm
 from tvm import relax
 from tvm.runtime import ShapeTuple
 
-from llmbook.generation import ContextError
+from llmbook.engine import check_tokens
 
 
 class TVMRunner:
-    def __init__(self, module, params: list, dev, vocab_size: int, max_context: int = 2048, page_size: int = 16):
+    def __init__(self, module, params: list, dev, vocab_size: int, max_context: int = 2048, page_size: int = 16,
+                 name: str = "tvm"):
+        self.name = name  # what its errors call it
         self.vm = relax.VirtualMachine(module, dev)
         self.params, self.dev, self.vocab_size, self.max_context = params, dev, vocab_size, max_context
         self._embed, self._prefill, self._decode = self.vm["embed"], self.vm["prefill"], self.vm["decode"]
@@ -31,12 +33,8 @@ class TVMRunner:
         self.length = 0
 
     def _forward(self, fn, ids: list[int]) -> np.ndarray:
-        if not ids:
-            raise ValueError("no token ids")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"token id out of range [0, {self.vocab_size}): {min(ids)}..{max(ids)}")
-        if self.length + len(ids) > self.max_context:
-            raise ContextError(f"{self.length} + {len(ids)} tokens exceed the KV cache of {self.max_context}")
+        # checked first: `embed` would clip an id past the vocabulary to its last row, silently
+        ids = check_tokens(ids, self.vocab_size, self.length, self.max_context, self.name)
         x = self._embed(tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self.dev), self.params)
         self.kv["begin_forward"](self.cache, ShapeTuple([0]), ShapeTuple([len(ids)]))
         logits, _ = fn(x, self.cache, self.params)
@@ -46,8 +44,9 @@ class TVMRunner:
 
     def prefill(self, ids) -> np.ndarray:
         """Forget the sequence, run the prompt, return the last position's logits."""
+        check_tokens(ids, self.vocab_size, 0, self.max_context, self.name)  # before forgetting
         self.reset()
-        return self._forward(self._prefill, [int(t) for t in ids])
+        return self._forward(self._prefill, ids)
 
     def decode(self, token) -> np.ndarray:
-        return self._forward(self._decode, [int(token)])
+        return self._forward(self._decode, [token])

@@ -1,0 +1,120 @@
+"""Every registered backend against the interface of chapter 3 (llmbook.engine.Backend), on
+random checkpoints of two shapes (GQA 8/2 with an untied head; full multi-head, tied): parity
+with the reference, reset, the context error and bad token ids. An engine that cannot run here
+is skipped with the reason its backend gives."""
+import os
+
+import numpy as np
+import pytest
+
+from llmbook import backends, device
+from llmbook.backends.hf import HFBackend
+from llmbook.engine import Backend
+from llmbook.generation import ContextError, check_context, greedy
+
+PROMPT = [5, 17, 3, 250, 41, 99, 7, 180, 64, 12, 33, 201]
+STEPS = 8
+
+
+@pytest.fixture(scope="module", params=["gqa", "mha"])
+def bundle(request, toy, toy_mha):
+    return {"gqa": toy, "mha": toy_mha}[request.param]
+
+
+@pytest.fixture(scope="module", params=backends.names())
+def engine(request, bundle):
+    try:
+        return backends.get_backend(request.param, bundle)
+    except backends.BackendUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_interface(engine, request):
+    name = request.node.callspec.params["engine"]
+    assert isinstance(engine, Backend)
+    assert engine.name == name and isinstance(engine.quantized, bool)
+    assert engine.quantized == (name in ("tflite-int8", "llama.cpp"))
+    assert 0 < engine.max_context <= 2048
+
+
+def test_parity_with_the_reference(engine, bundle):
+    ref = HFBackend(bundle)
+    got, want = engine.prefill(PROMPT), ref.prefill(PROMPT)
+    assert got.shape == want.shape == (bundle.config.vocab_size,) and got.dtype == np.float32
+    if engine.quantized:  # rounded weights: close, not equal; the top token survives rounding
+        assert np.abs(got - want).max() < 0.5 and np.argmax(got) == np.argmax(want)
+    else:
+        assert np.abs(got - want).max() <= 1e-3
+        assert greedy(engine, PROMPT, STEPS) == greedy(ref, PROMPT, STEPS)
+
+
+def test_reset(engine):
+    fresh = engine.prefill(PROMPT)
+    engine.prefill(PROMPT[:5])
+    engine.decode(9)
+    engine.decode(10)
+    np.testing.assert_allclose(engine.prefill(PROMPT), fresh, atol=1e-5)  # prefill starts anew
+    first = engine.prefill(PROMPT[:1])
+    engine.decode(9)
+    engine.reset()  # after reset, a decode is the first token of a new sequence
+    np.testing.assert_allclose(engine.decode(PROMPT[0]), first, atol=1e-5)
+
+
+def test_context_error(engine):
+    n = engine.max_context
+    with pytest.raises(ContextError, match=f"exceed the context of {n}"):
+        engine.prefill([1] * (n + 1))
+    engine.prefill([1] * (n - 1))
+    engine.decode(2)  # the last free position
+    with pytest.raises(ContextError, match=f"{n} cached \\+ 1 new tokens exceed the context of {n}"):
+        engine.decode(3)
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([], "no token ids"),
+    ([-1], r"token ids \[-1\] out of range"),
+    ("vocab", r"token ids \[\d+\] out of range \[0, \d+\)"),
+    ([1.5, 2.0], "token ids must be integers"),
+])
+def test_bad_ids(engine, bundle, ids, message):
+    if ids == "vocab":
+        ids = [3, bundle.config.vocab_size]
+    with pytest.raises(ValueError, match=f"^{engine.name}: {message}"):
+        engine.prefill(ids)
+
+
+def test_a_refused_decode_changes_nothing(engine, bundle):
+    engine.prefill(PROMPT)
+    want = engine.decode(7)
+    engine.prefill(PROMPT)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.decode(bundle.config.vocab_size)
+    np.testing.assert_allclose(engine.decode(7), want, atol=1e-5)
+
+
+def test_runner_errors_name_the_engine(engine):
+    """TVM's and LiteRT's runners are used on their own in chapters 6 and 7: they carry a name,
+    so the generation loop's context check reports a ContextError, not an AttributeError."""
+    runner = getattr(engine, "runner", None)
+    if runner is None:
+        pytest.skip(f"{engine.name} has no separate runner")
+    assert runner.name == engine.name
+    with pytest.raises(ContextError, match=f"backend {engine.name!r}"):
+        check_context(runner, runner.max_context, 1)
+
+
+def test_threads_reach_every_engine(toy, monkeypatch):
+    """--threads (device.use_threads) reaches the engines opened after it, and bench.run's own
+    use_threads() keeps it."""
+    import torch
+
+    monkeypatch.setenv("LLMBOOK_THREADS", os.environ.get("LLMBOOK_THREADS", str(device.threads())))
+    before = torch.get_num_threads()
+    try:
+        assert device.use_threads(1) == 1 and device.use_threads() == 1 and torch.get_num_threads() == 1
+        # llama.cpp reads the same device.threads(), but runs only SmolLM2's GGUF: not here
+        tvm = backends.get_backend("tvm", toy)
+        assert int(tvm.target.attrs["num-cores"]) == 1  # the compile target
+        assert backends.get_backend("tflite", toy).threads == 1  # LiteRT's interpreter
+    finally:
+        torch.set_num_threads(before)
