@@ -65,7 +65,7 @@ def changes(names: list[str]) -> str:
     if any(n.startswith("litert-torch") for n in names):
         text += ("; litert-torch pins typing_extensions to 4.12.2, older than Colab's pydantic "
                  "needs, so pydantic-based tools in this runtime break")
-    return "\n".join(textwrap.wrap(text + ".", 86, initial_indent="# ", subsequent_indent="# "))
+    return "\n".join(textwrap.wrap(text + ".", 78, initial_indent="# ", subsequent_indent="# "))
 
 
 def cell_source(notebook: dict, root=None) -> str:
