@@ -111,11 +111,12 @@ class LlamaForCausalLM(nn.Module):
             enable_disaggregation=False, dtype="float32", target=self.target,
         )
 
-    def spec(self) -> nn.spec.ModuleSpec:
+    def functions(self) -> dict:
+        """What the compiled library exports: each function's arguments, with their shapes."""
         packed = {"param_mode": "packed", "effect_mode": "none"}
         cache = nn.spec.Object(object_type=PagedKVCache)
         h = self.cfg.hidden_size
-        return nn.spec.ModuleSpec.from_raw({
+        return {
             "embed": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "$": packed},
             "prefill": {"x": nn.spec.Tensor([1, "seq_len", h], "float32"), "cache": cache, "$": packed},
             "decode": {"x": nn.spec.Tensor([1, 1, h], "float32"), "cache": cache, "$": packed},
@@ -123,4 +124,7 @@ class LlamaForCausalLM(nn.Module):
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
-        }, self)
+        }
+
+    def spec(self) -> nn.spec.ModuleSpec:
+        return nn.spec.ModuleSpec.from_raw(self.functions(), self)

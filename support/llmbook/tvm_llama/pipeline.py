@@ -27,8 +27,9 @@ def cuda_target() -> tvm.target.Target:
 
 class ParallelCPU(dlight.ScheduleRule):
     """A small CPU schedule: inline elementwise producers, then run the spatial (output) loops of
-    every block across threads; reductions stay innermost, where LLVM vectorises them, and decode's
-    dot products are split into vector-wide partial sums."""
+    every block across threads; reductions stay innermost, where LLVM vectorises them. Decode's
+    dot products are split into vector-wide partial sums; products over many tokens (prefill, a
+    batch) loop over weight rows outside and tokens inside."""
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
@@ -43,20 +44,37 @@ class ParallelCPU(dlight.ScheduleRule):
                 continue
             spatial = [loop for loop, k in zip(loops, kinds) if k == "S"]
             reduction = [loop for loop, k in zip(loops, kinds) if k == "R"]
+            sizes = [sch.get(loop).extent for loop in spatial]
+            fixed = [isinstance(n, tirx.IntImm) for n in sizes]
+            # weight rows: outputs of a fixed number > 1; tokens: a symbolic number (prompt, batch)
+            rows = [i for i, n in enumerate(sizes) if fixed[i] and n.value > 1]
+            tokens = [i for i in range(len(sizes)) if not fixed[i]]
+            if reduction and rows and tokens:
+                # prefill's and a batch's matrix products: weight rows outside, tokens inside,
+                # so each weight row is fetched from memory once and reused for every token
+                k = sch.get(reduction[0]).extent
+                if len(reduction) == 1 and isinstance(k, tirx.IntImm) and k.value % 16 == 0:
+                    register_tile(sch, block.block_rv)
+                else:
+                    rest = [i for i in range(len(sizes)) if i not in rows + tokens]
+                    sch.reorder(*[spatial[i] for i in rows + tokens + rest], *reduction)
+                    sch.parallel(sch.fuse(*[spatial[i] for i in rows]))
+                    sch.decompose_reduction(block.block_rv, reduction[0])
+                continue
             sch.reorder(*spatial, *reduction)
             fused = sch.fuse(*spatial)
-            if reduction and len(reduction) == 1 and isinstance(sch.get(fused).extent, tirx.IntImm):
+            if reduction and len(reduction) == 1 and all(fixed):
                 # decode (static shapes): each output's dot product as 16 partial sums side by side
                 # (rfactor), so a row is read with full-width vector loads and fused multiply-adds;
                 # a second, small loop adds the 16 partial sums up
                 ko, ki = sch.split(reduction[0], [None, 16])
                 partial = sch.rfactor(ki, -1)  # partial sums in the last, contiguous axis
-                rows, steps, lanes = sch.get_loops(partial)
-                sch.parallel(rows)
+                outputs, steps, lanes = sch.get_loops(partial)
+                sch.parallel(outputs)
                 sch.vectorize(lanes)
                 sch.decompose_reduction(partial, steps)
                 sch.parallel(sch.get_loops(block.block_rv)[0])
-            elif reduction:  # prefill's matrix products (symbolic length), norms
+            elif reduction:  # norms and softmax: rows in parallel
                 sch.parallel(fused)
                 # zero each output before its reduction loop, not behind an `if k == 0` inside it
                 sch.decompose_reduction(block.block_rv, reduction[0])
@@ -65,6 +83,54 @@ class ParallelCPU(dlight.ScheduleRule):
                 sch.parallel(outer)
                 sch.vectorize(inner)
         return sch
+
+
+def register_tile(sch: s_tir.Schedule, block, rows: int = 2, tokens: int = 4, lanes: int = 16):
+    """A matrix product over a symbolic number of tokens, as a register tile: for `rows` weight
+    rows and `tokens` tokens at a time, the dot products run as `lanes`-wide partial sums kept
+    in vector registers; each weight vector loaded serves `tokens` tokens, each token vector
+    `rows` rows. The token count is padded up to a multiple of `tokens` (`pad_einsum`), so no
+    bounds test sits inside the tile."""
+    iters = sch.get(block).iter_vars
+    symbolic = [not isinstance(iv.dom.extent, tirx.IntImm) for iv in iters]
+    sch.pad_einsum(block, [tokens if s else 1 for s in symbolic])
+    for pad in sch.get_producers(block):  # the padded copy of the input: small, one thread
+        *_, inner = sch.split(sch.fuse(*sch.get_loops(pad)), [None, lanes])
+        sch.vectorize(inner)
+    unpad = sch.get_consumers(block)  # copies the valid rows of the padded output back
+    loops = sch.get_loops(block)  # one per block iterator, in order
+    spatial = [iv.iter_type == tirx.IterVar.DataPar for iv in iters]
+    row = sch.fuse(*[lp for lp, sp, sy in zip(loops, spatial, symbolic) if sp and not sy])
+    token = sch.fuse(*[lp for lp, sp, sy in zip(loops, spatial, symbolic) if sp and sy])
+    (k,) = [lp for lp, sp in zip(loops, spatial) if not sp]
+    sch.reorder(row, token, k)
+    r_o, r_i = sch.split(row, [None, rows if sch.get(row).extent.value % rows == 0 else 1])
+    t_o, t_i = sch.split(token, [None, tokens])
+    k_o, k_i = sch.split(k, [None, lanes])
+    sch.reorder(r_o, t_o, k_o, r_i, t_i, k_i)
+    partial = sch.rfactor(k_i, -1)  # the tile's partial sums, [tokens, rows, lanes]
+    sch.set_scope(partial, 0, "local")  # in registers once the tile loops are unrolled
+    r_o, t_o, k_o, r_i, t_i, k_i = sch.get_loops(partial)
+    sch.reverse_compute_at(block, t_o)  # add up the lanes right after each tile
+    for copy in unpad:
+        sch.reverse_compute_at(copy, t_o)
+    sch.set_scope(block, 0, "local")  # the padded output, one tile at a time
+    sch.parallel(r_o)
+    sch.unroll(r_i)
+    sch.unroll(t_i)
+    sch.vectorize(k_i)
+    sch.decompose_reduction(partial, k_o)
+
+
+@tvm.transform.module_pass(opt_level=0, name="MarkNoAlias")
+def mark_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Declare the buffer arguments of every kernel distinct (`tirx.noalias`). The kernels made
+    from Relax operators have it; the paged cache's own kernels do not, and in one LLVM module
+    with them the matrix products compiled to about half their vector code (section 5)."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc) and "tirx.noalias" not in (func.attrs or {}):
+            mod[gv] = func.with_attr("tirx.noalias", True)
+    return mod
 
 
 def pipeline(target: tvm.target.Target, schedule: bool = True) -> tvm.transform.Pass:
@@ -87,6 +153,7 @@ def pipeline(target: tvm.target.Target, schedule: bool = True) -> tvm.transform.
         relax.transform.DeadCodeElimination(),
         # 2. loop level: how each kernel maps onto the hardware
         *([dlight.ApplyDefaultSchedule(*rules)] if rules else []),
+        mark_noalias,
         # 3. lowering to the virtual machine: memory planned once, freed early, shapes at run time
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
