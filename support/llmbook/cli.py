@@ -3,6 +3,7 @@
     python -m llmbook generate --backend mlx --prompt "What is the capital of France?" --max-tokens 32
     python -m llmbook compare --backend mlx --token-ids 1,2,3 --steps 20 --model path/to/checkpoint
     python -m llmbook bench --model path/to/checkpoint --backends hf,tvm --out bench-results
+    python -m llmbook batch --backend tvm --sequences 16 --steps 32
 """
 from __future__ import annotations
 
@@ -90,6 +91,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     b.add_argument("--out", default=None, help="output directory (default: bench-<model name>)")
 
+    bt = sub.add_parser("batch", parents=[common],
+                        help="decode many sequences together; check each against its solo run")
+    bt.add_argument("--sequences", type=positive_int, default=16, help="sequences decoded together")
+    bt.add_argument("--steps", type=positive_int, default=32, help="decode steps per sequence")
+    bt.add_argument("--cache-tokens", type=positive_int, default=None,
+                    help="tokens the paged KV cache holds (default: just enough for all sequences)")
+
     sub.add_parser("prepare", help="convert SmolLM2 from its GGUF into the on-disk cache")
     return ap
 
@@ -122,6 +130,35 @@ def bench(args) -> int:
     return 0
 
 
+def batch(args) -> int:
+    from .bench import text_ids
+    from .serving import batch_vs_solo
+
+    if not hasattr(cls := backends.backend_class(args.backend), "batch_runner"):
+        raise ValueError(f"backend {args.backend!r} has no batched decode ({cls.__name__} has no batch_runner)")
+    bundle = load_model(args.model)
+    # prompts of different lengths (8 to 64 tokens) cut from the shipped text, or fixed pseudo-text
+    lengths = [8 + (13 * i) % 57 for i in range(args.sequences)]
+    text = text_ids(bundle, 64 * args.sequences + 64)
+    prompts = [text[64 * i: 64 * i + n] for i, n in enumerate(lengths)]
+    engine = backends.get_backend(args.backend, bundle)
+    if (longest := max(lengths) + args.steps) > engine.max_context:
+        raise ValueError(f"a sequence of {longest} tokens is longer than the context ({engine.max_context})")
+    page = 16
+    pages = sum(-(-(n + args.steps) // page) for n in lengths)
+    cache_tokens = args.cache_tokens or pages * page
+    if pages > cache_tokens // page:
+        raise ValueError(f"{args.sequences} sequences of prompt + {args.steps} steps need {pages} pages of "
+                         f"{page} tokens, but a cache of {cache_tokens} tokens holds {cache_tokens // page}")
+    runner = engine.batch_runner(max_batch=args.sequences, max_tokens=cache_tokens)
+    result = batch_vs_solo(engine, runner, prompts, args.steps)
+    print(f"{args.backend} on {bundle.name}: {args.sequences} sequences x {args.steps} steps, "
+          f"{result['aggregate_tok_s']:.1f} tok/s together vs {result['single_tok_s']:.1f} tok/s alone "
+          f"({result['speedup']:.2f}x); tokens equal to the solo runs: {result['all_match']}")
+    print(json.dumps({"backend": args.backend} | result))
+    return 0 if result["all_match"] else 1
+
+
 def prompt_ids(bundle, args) -> list[int]:
     if (args.prompt is None) == (args.token_ids is None):
         raise ValueError("give exactly one of --prompt and --token-ids")
@@ -139,6 +176,8 @@ def run(args) -> int:
     device.use_threads(args.threads)
     if args.command == "bench":
         return bench(args)
+    if args.command == "batch":
+        return batch(args)
     if args.backend not in backends.names():  # before loading anything
         raise ValueError(f"unknown backend {args.backend!r}; known backends: {', '.join(backends.names())}")
     bundle = load_model(args.model)

@@ -2,9 +2,12 @@
 
 Each backend is an `llmbook.engine.Backend` (chapter 3 writes it down): name, max_context,
 quantized, reset(), prefill(ids), decode(token), each checking its input with
-`llmbook.engine.check_tokens`. One more, optional member:
+`llmbook.engine.check_tokens`. Optional members:
     device             where it computes: "cpu" (the default), or "gpu" (MLX on Metal); the
                        measured CPU bandwidth bounds only the engines on the CPU
+    batch_runner(max_batch, max_tokens)
+                       many sequences in one cache, decoded together (chapter 9; `batch` in the
+                       command line runs the backends that have it)
 """
 from __future__ import annotations
 
@@ -78,7 +81,9 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
-def get_backend(name: str, bundle: Bundle, **options):
+def backend_class(name: str) -> type:
+    """The class behind a registered name, imported (BackendUnavailable when its engine is not
+    installed)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(REGISTRY)}")
     module, cls, needs = REGISTRY[name]
@@ -86,4 +91,8 @@ def get_backend(name: str, bundle: Bundle, **options):
         mod = importlib.import_module(module)
     except ImportError as e:
         raise BackendUnavailable(f"backend {name!r} needs {needs}: {e}") from e
-    return getattr(mod, cls)(bundle, **options)
+    return getattr(mod, cls)
+
+
+def get_backend(name: str, bundle: Bundle, **options):
+    return backend_class(name)(bundle, **options)

@@ -1,0 +1,116 @@
+"""Chapter 9: many sequences in TVM's paged KV cache. Batched decode against each sequence alone,
+fork and remove against the cache's page count, continuous batching, a full cache, and the
+`batch` command line, on random checkpoints (one whose sizes are not multiples of 16, so the
+schedule rule's fallback without the register tile runs too)."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from llmbook.backends import get_backend
+from llmbook.backends.hf import HFBackend
+from llmbook.checkpoint import TOY_GQA, load_model, random_checkpoint
+from llmbook.cli import main
+from llmbook.generation import greedy
+from llmbook.serving import Request, batch_vs_solo, serve
+from llmbook.tvm_llama.batch import PAGE_SIZE, CacheFull
+
+# hidden 40 and ffn 72: the matrix products' sums are not a multiple of 16 lanes
+TOY_ODD = dataclasses.replace(TOY_GQA, hidden_size=40, intermediate_size=72, num_heads=4,
+                              num_kv_heads=2, head_dim=10, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def engine(toy):
+    # libraries from the on-disk cache (built on the first run), as the command line uses them
+    return get_backend("tvm", toy)
+
+
+def prompts(n, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, vocab, 3 + 7 * i % 23)] for i in range(n)]
+
+
+def test_batched_tokens_equal_solo_runs(engine, toy):
+    result = batch_vs_solo(engine, engine.batch_runner(6, 512), prompts(6, toy.config.vocab_size), 9)
+    assert result["all_match"] and result["sequences"] == 6 and result["steps"] == 9
+
+
+def test_odd_sizes_match_the_reference(tmp_path):
+    odd = load_model(random_checkpoint(tmp_path / "odd", TOY_ODD, seed=5))
+    engine = get_backend("tvm", odd)
+    ids = [4, 99, 7, 300, 12, 5, 61]
+    assert float(np.max(np.abs(engine.prefill(ids) - HFBackend(odd).prefill(ids)))) < 1e-3
+    assert greedy(engine, ids, 8) == greedy(HFBackend(odd), ids, 8)
+    assert batch_vs_solo(engine, engine.batch_runner(4, 256), prompts(4, odd.config.vocab_size), 6)["all_match"]
+
+
+def test_pages_follow_add_fork_step_remove(engine):
+    runner = engine.batch_runner(4, 256)
+    used = lambda: runner.total_pages - runner.free_pages()  # noqa: E731
+    runner.add(0, list(range(1, PAGE_SIZE + 1)))  # exactly one full page
+    assert used() == 1
+    runner.fork(0, 1)
+    assert used() == 1 and runner.lengths == {0: PAGE_SIZE, 1: PAGE_SIZE}  # the page is shared
+    logits = runner.step({0: 5, 1: 5})
+    assert used() == 3  # each appended into a page of its own
+    assert np.array_equal(logits[0], logits[1])  # same tokens so far: same next-token logits
+    runner.remove(0)
+    runner.remove(1)
+    assert used() == 0 and runner.lengths == {}
+
+
+def test_full_cache_and_bad_ids_are_refused(engine, toy):
+    runner = engine.batch_runner(2, 2 * PAGE_SIZE)
+    runner.add(0, list(range(1, runner.total_pages * PAGE_SIZE + 1)))  # every page
+    with pytest.raises(CacheFull, match="free pages"):
+        runner.step({0: 3})
+    with pytest.raises(CacheFull, match="free pages"):
+        runner.add(1, [1, 2, 3])
+    with pytest.raises(ValueError, match="no sequence 7"):
+        runner.step({7: 1})
+    with pytest.raises(ValueError, match="out of range"):
+        runner.step({0: toy.config.vocab_size})
+
+
+def test_continuous_batching(engine, toy):
+    vocab = toy.config.vocab_size
+    requests = [Request(i, p, 2 + (5 * i) % 9, arrival=3 * i) for i, p in enumerate(prompts(7, vocab, 1))]
+    # a cache too small for all of them at once: admission must wait for pages
+    log = serve(engine.batch_runner(3, 6 * PAGE_SIZE), requests, max_batch=3)
+    assert max(log["batch_sizes"]) <= 3
+    for r in requests:
+        assert len(r.tokens) == r.max_new_tokens and r.admitted >= r.arrival and r.finished > r.admitted
+        assert r.tokens == greedy(engine, r.prompt, r.max_new_tokens)
+    assert sorted(log["batch_sizes"]) != log["batch_sizes"] or len(set(log["batch_sizes"])) > 1
+    too_big = [Request(0, list(range(1, 200)), 10)]
+    with pytest.raises(ValueError, match="more pages than the whole cache"):
+        serve(engine.batch_runner(2, 4 * PAGE_SIZE), too_big, max_batch=2)
+
+
+def test_cli_batch(toy_dir, capsys):
+    assert main(["batch", "--backend", "tvm", "--model", str(toy_dir), "--sequences", "3",
+                 "--steps", "5"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) == {"backend", "sequences", "steps", "aggregate_tok_s", "single_tok_s",
+                           "speedup", "all_match"}
+    assert result["all_match"] is True and result["sequences"] == 3 and result["steps"] == 5
+    assert result["aggregate_tok_s"] > 0 and result["single_tok_s"] > 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sequences", "0"], ["--sequences", "at least 1"]),
+    (["--steps", "-2"], ["--steps", "at least 1"]),
+    (["--cache-tokens", "32"], ["pages", "holds 2"]),
+    (["--steps", "300"], ["longer than the context"]),
+])
+def test_cli_batch_bad_input(toy_dir, capsys, args, words):
+    assert main(["batch", "--backend", "tvm", "--model", str(toy_dir), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and all(w in err for w in words)
+
+
+def test_cli_batch_needs_a_batched_backend(toy_dir, capsys):
+    assert main(["batch", "--backend", "hf", "--model", str(toy_dir)]) == 2
+    assert "has no batched decode" in capsys.readouterr().err
