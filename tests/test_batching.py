@@ -103,12 +103,19 @@ def test_cli_batch(toy_dir, capsys):
     (["--sequences", "0"], ["--sequences", "at least 1"]),
     (["--steps", "-2"], ["--steps", "at least 1"]),
     (["--cache-tokens", "32"], ["pages", "holds 2"]),
-    (["--steps", "300"], ["longer than the context"]),
+    (["--steps", "256"], ["--steps 256", "no room", "256 tokens"]),
 ])
 def test_cli_batch_bad_input(toy_dir, capsys, args, words):
     assert main(["batch", "--backend", "tvm", "--model", str(toy_dir), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and all(w in err for w in words)
+
+
+def test_cli_batch_fits_prompts_to_a_short_context(toy_dir, capsys):
+    # the toy's context is 256: 250 steps leave 6 tokens for each prompt
+    assert main(["batch", "--backend", "tvm", "--model", str(toy_dir), "--sequences", "2",
+                 "--steps", "250"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["all_match"] is True
 
 
 def test_cli_batch_needs_a_batched_backend(toy_dir, capsys):

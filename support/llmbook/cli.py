@@ -137,13 +137,15 @@ def batch(args) -> int:
     if not hasattr(cls := backends.backend_class(args.backend), "batch_runner"):
         raise ValueError(f"backend {args.backend!r} has no batched decode ({cls.__name__} has no batch_runner)")
     bundle = load_model(args.model)
-    # prompts of different lengths (8 to 64 tokens) cut from the shipped text, or fixed pseudo-text
-    lengths = [8 + (13 * i) % 57 for i in range(args.sequences)]
+    engine = backends.get_backend(args.backend, bundle)
+    if (room := engine.max_context - args.steps) < 1:
+        raise ValueError(f"--steps {args.steps} leaves no room for a prompt in the context of "
+                         f"{engine.max_context} tokens")
+    # prompts of different lengths (8 to 64 tokens, shorter if the context is short) cut from the
+    # shipped text, or fixed pseudo-text for a checkpoint without a tokenizer
+    lengths = [min(8 + (13 * i) % 57, room) for i in range(args.sequences)]
     text = text_ids(bundle, 64 * args.sequences + 64)
     prompts = [text[64 * i: 64 * i + n] for i, n in enumerate(lengths)]
-    engine = backends.get_backend(args.backend, bundle)
-    if (longest := max(lengths) + args.steps) > engine.max_context:
-        raise ValueError(f"a sequence of {longest} tokens is longer than the context ({engine.max_context})")
     page = 16
     pages = sum(-(-(n + args.steps) // page) for n in lengths)
     cache_tokens = args.cache_tokens or pages * page
