@@ -35,22 +35,24 @@ class TVMBackend(RunnerBackend):
         self.device, self.target = device, target
         self.module, names, self.build_info = build.load_or_build(
             bundle.name, cfg, target, root=root if cache else tempfile.mkdtemp(prefix="llmbook-tvm-"))
-        self.weights = hf_to_tvm(bundle.state_dict, cfg, progress=progress)
-        params = to_device(self.weights, names, cfg, dev)
+        params = to_device(hf_to_tvm(bundle.state_dict, cfg, progress=progress), names, cfg, dev)
         self.max_context = min(max_context, cfg.max_position_embeddings)
         self.runner = TVMRunner(self.module, params, dev, cfg.vocab_size, self.max_context, name=self.name)
-        self._bundle, self._dev, self._root = bundle, dev, (root if cache else None)
+        self._bundle, self._dev, self._root, self._names = bundle, dev, (root if cache else None), names
 
     def batch_runner(self, max_batch: int, max_tokens: int):
         """Chapter 9's runner on the same weights: many sequences in one paged cache, decoded
         together. Its library (chapter 6's model plus `batch_decode`) is built once and cached."""
         from ..tvm_llama import build
         from ..tvm_llama.batch import BatchLlamaForCausalLM, BatchRunner
-        from ..tvm_llama.convert import to_device
+        from ..tvm_llama.convert import hf_to_tvm, to_device
 
         cfg = self._bundle.config
         module, names, _ = build.load_or_build(self._bundle.name, cfg, self.target, root=self._root,
                                                model_cls=BatchLlamaForCausalLM)
-        params = to_device(self.weights, names, cfg, self._dev)
+        if names == self._names:  # the same parameters in the same order: share the device copy
+            params = self.runner.params
+        else:
+            params = to_device(hf_to_tvm(self._bundle.state_dict, cfg, progress=False), names, cfg, self._dev)
         return BatchRunner(module, params, self._dev, cfg.vocab_size, max_batch, max_tokens,
                            self.max_context, name=self.name)

@@ -126,7 +126,7 @@ def register_tile(sch: s_tir.Schedule, block, rows: int = 2, tokens: int = 4, la
 def mark_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Declare the buffer arguments of every kernel distinct (`tirx.noalias`). The kernels made
     from Relax operators have it; the paged cache's own kernels do not, and in one LLVM module
-    with them the matrix products compiled to about half their vector code (section 5)."""
+    with them the matrix products compiled to about half their vector code (section 2)."""
     for gv, func in list(mod.functions.items()):
         if isinstance(func, tirx.PrimFunc) and "tirx.noalias" not in (func.attrs or {}):
             mod[gv] = func.with_attr("tirx.noalias", True)
@@ -134,8 +134,9 @@ def mark_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 
 def pipeline(target: tvm.target.Target, schedule: bool = True) -> tvm.transform.Pass:
-    """The tutorial's LLM pipeline. CUDA: dlight GPU rules and CUDA graphs. CPU: our ParallelCPU
-    rule (schedule=False leaves the naive loops) and no CUDA graphs."""
+    """The tutorial's LLM pipeline. CUDA: dlight GPU rules (RewriteCUDAGraph captures nothing
+    unless the build sets `relax.backend.use_cuda_graph`, which this one does not). CPU: our
+    ParallelCPU rule (schedule=False leaves the naive loops) and no CUDA graphs."""
     on_gpu = target.kind.name == "cuda"
     if on_gpu:
         rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
