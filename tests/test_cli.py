@@ -16,7 +16,8 @@ def last_json(out):
 def test_compare_mlx_on_random_checkpoint(toy_dir, capsys):
     assert main(["compare", "--backend", "mlx", "--model", str(toy_dir), "--token-ids", "1,2,3,4,5", "--steps", "20"]) == 0
     result = last_json(capsys.readouterr().out)
-    assert set(result) == {"backend", "max_abs_diff", "greedy_match", "steps"}
+    assert set(result) == {"backend", "max_abs_diff", "greedy_match", "steps", "reference"}
+    assert result["reference"] == "hf"
     assert result["backend"] == "mlx" and result["steps"] == 20 and result["greedy_match"] == 20
     assert result["max_abs_diff"] < 1e-4
 

@@ -1,5 +1,5 @@
-"""The optional llama.cpp backend (llama-cpp-python on SmolLM2's own Q4_1 GGUF). The book does not
-install it (it compiles llama.cpp): without it these tests are skipped, and the skip is reported."""
+"""The llama.cpp backend (llama-cpp-python on SmolLM2's own Q4_1 GGUF). `make` compiles it; where
+it could not be compiled these tests are skipped, and the skip is reported."""
 import numpy as np
 import pytest
 
@@ -8,7 +8,7 @@ from llmbook.backends import BackendUnavailable, get_backend
 from llmbook.backends.hf import HFBackend
 from llmbook.generation import ContextError
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional; see book/how_to_run.md)")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make could not compile it; see book/how_to_run.md)")
 
 
 @pytest.fixture(scope="module")

@@ -97,8 +97,11 @@ def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3) -> 
 
 
 def weight_bytes(engine, cfg) -> int:
-    """Bytes of weights one decode step reads: fp32 engines read every parameter once; quantized
-    engines read their file (int8 or 4-bit weights with their scales)."""
+    """Bytes of weights one decode step reads: what the engine says it reads (`weight_bytes`, as
+    tvm-q4 does), else for quantized engines their file (int8 or 4-bit weights with their
+    scales), else every parameter in fp32."""
+    if getattr(engine, "weight_bytes", None):
+        return int(engine.weight_bytes)
     path = getattr(engine, "path", None)
     if engine.quantized and path is not None:
         return Path(path).stat().st_size
@@ -146,7 +149,7 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
 
 # ---- figures ---------------------------------------------------------------------------------
 
-COLORS = {"hf": "tab:gray", "torch-fused": "tab:orange", "mlx": "tab:purple", "tvm": "tab:blue",
+COLORS = {"hf": "tab:gray", "torch-fused": "tab:orange", "mlx": "tab:purple", "tvm": "tab:blue", "tvm-q4": "tab:cyan",
           "tflite": "tab:green", "tflite-int8": "tab:olive", "llama.cpp": "tab:red"}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -179,6 +180,7 @@ class Bundle:
     config: LlamaConfig
     hf_model: object
     tokenizer: object | None
+    gguf: Path | None = None  # the GGUF file it was dequantized from, if any
 
     @functools.cached_property
     def state_dict(self) -> dict:
@@ -187,6 +189,20 @@ class Bundle:
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         return sd
+
+    def with_weights(self, weights: dict) -> "Bundle":
+        """The same checkpoint with other fp32 weights (Hugging Face names, numpy arrays): e.g. the
+        rounded weights a quantized engine computes with, as a reference model for that engine."""
+        import copy
+
+        import torch
+
+        model = copy.deepcopy(self.hf_model)
+        missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()},
+                                                    strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight" or not self.config.tie_word_embeddings]:
+            raise CheckpointError(f"weights do not fit {self.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return dataclasses.replace(self, hf_model=model)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -226,22 +242,24 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def export_smollm2(dest: Path) -> Path:
-    """Dequantize the GGUF once into an fp32 Hugging Face directory, so later loads take a second."""
+def export_gguf(gguf: Path, dest: Path) -> Path:
+    """Dequantize a GGUF file once into an fp32 Hugging Face directory, so later loads take a second."""
     import torch
     import transformers
     from safetensors.torch import save_file
 
-    gguf = smollm2_gguf()
     transformers.utils.logging.disable_progress_bar()
     kw = dict(gguf_file=gguf.name)
-    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # transformers' messages run to pages
+        raise CheckpointError(f"{gguf}: transformers cannot load it: {str(e).splitlines()[0][:200]}") from e
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)
     cfg["architectures"] = ["LlamaForCausalLM"]
-    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not cfg.get("tie_word_embeddings")}
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
     save_file(sd, tmp / "model.safetensors", metadata={"format": "pt", "source": gguf.name})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -251,6 +269,13 @@ def export_smollm2(dest: Path) -> Path:
     except OSError:
         shutil.rmtree(tmp)
     return dest
+
+
+def gguf_cache_path(gguf: Path) -> Path:
+    """Where a GGUF's fp32 export lives: named by the file, keyed by its path, size and time."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / f"gguf-{gguf.stem}-{key}"
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -293,7 +318,8 @@ def read_config(path: Path) -> dict:
 
 @functools.cache
 def load_model(path: str | Path | None = None) -> Bundle:
-    """Load SmolLM2 (path None) or a Hugging Face Llama checkpoint directory, checked and in fp32.
+    """Load SmolLM2 (path None), a Hugging Face Llama checkpoint directory or a llama GGUF file
+    (dequantized once into the cache), checked and in fp32.
 
     Cached: a second call in the same process returns the same Bundle.
     """
@@ -302,11 +328,19 @@ def load_model(path: str | Path | None = None) -> Bundle:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    gguf = None
     if path is None:
-        name = SMOLLM2_NAME
+        name, gguf = SMOLLM2_NAME, smollm2_gguf()
         path = cache_dir() / "smollm2-135m-instruct-fp32"
         if not (path / "model.safetensors").exists():
-            export_smollm2(path)
+            export_gguf(gguf, path)
+    elif Path(path).suffix == ".gguf":
+        gguf = Path(path)
+        if not gguf.is_file():
+            raise CheckpointError(f"{gguf} is not a file")
+        name, path = gguf.stem, gguf_cache_path(gguf)
+        if not (path / "model.safetensors").exists():
+            export_gguf(gguf, path)
     else:
         path = Path(path)
         name = path.resolve().name
@@ -321,7 +355,7 @@ def load_model(path: str | Path | None = None) -> Bundle:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     tok = transformers.AutoTokenizer.from_pretrained(path) if has_tok else None
-    return Bundle(name=name, path=path, config=cfg, hf_model=model, tokenizer=tok)
+    return Bundle(name=name, path=path, config=cfg, hf_model=model, tokenizer=tok, gguf=gguf)
 
 
 def load_smollm2() -> Bundle:

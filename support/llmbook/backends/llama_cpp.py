@@ -1,5 +1,6 @@
 """llama.cpp (through llama-cpp-python) on the model's GGUF file: the engine most people run on a
-CPU, as a yardstick. Optional: the book does not install it (it compiles llama.cpp on install).
+CPU, as a yardstick. `make` compiles it (PyPI ships only its source); where that fails, the backend
+is unavailable and says why.
 
 It runs the GGUF's own quantized weights (SmolLM2: Q4_1), with activations quantized to 8 bits for
 the dot products, so its logits are close to, not equal to, the fp32 reference's."""
@@ -17,12 +18,11 @@ class LlamaCppBackend:
     quantized = True  # the GGUF's 4-bit weights
 
     def __init__(self, bundle, n_ctx: int = 2048, threads: int | None = None):
-        from ..checkpoint import smollm2_gguf
         from ..device import threads as default_threads
 
-        if bundle.name != "SmolLM2-135M-Instruct":
-            raise BackendUnavailable(f"llama.cpp backend: no GGUF file known for {bundle.name!r}")
-        self.path = smollm2_gguf()
+        if bundle.gguf is None:
+            raise BackendUnavailable(f"llama.cpp backend: {bundle.name!r} was not loaded from a GGUF file")
+        self.path = bundle.gguf
         self.max_context = min(n_ctx, bundle.config.max_position_embeddings)
         n = threads or default_threads()
         self.llm = Llama(model_path=str(self.path), n_ctx=self.max_context, n_threads=n, n_threads_batch=n,

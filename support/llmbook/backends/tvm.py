@@ -9,6 +9,22 @@ from . import BackendUnavailable, RunnerBackend
 from ..device import gpu_name
 
 
+def target_and_device(device: str):
+    """(TVM target, TVM device) for "cpu" or "cuda"."""
+    import tvm
+
+    from ..device import threads
+    from ..tvm_llama import pipeline
+
+    if device == "cpu":
+        return pipeline.cpu_target(threads=threads()), tvm.cpu()
+    if device == "cuda":
+        if gpu_name() is None or not tvm.cuda(0).exist:
+            raise BackendUnavailable("TVM backend: device 'cuda' requested but no CUDA GPU is visible")
+        return pipeline.cuda_target(), tvm.cuda(0)
+    raise ValueError(f"TVM backend: device must be 'cpu' or 'cuda', got {device!r}")
+
+
 class TVMBackend(RunnerBackend):
     name = "tvm"
 
@@ -16,21 +32,11 @@ class TVMBackend(RunnerBackend):
                  root=None, progress: bool = False):
         import tempfile
 
-        import tvm
-
-        from ..device import threads
-        from ..tvm_llama import build, pipeline
+        from ..tvm_llama import build
         from ..tvm_llama.convert import hf_to_tvm, to_device
         from ..tvm_llama.runner import TVMRunner
 
-        if device == "cpu":
-            target, dev = pipeline.cpu_target(threads=threads()), tvm.cpu()
-        elif device == "cuda":
-            if gpu_name() is None or not tvm.cuda(0).exist:
-                raise BackendUnavailable("TVM backend: device 'cuda' requested but no CUDA GPU is visible")
-            target, dev = pipeline.cuda_target(), tvm.cuda(0)
-        else:
-            raise ValueError(f"TVM backend: device must be 'cpu' or 'cuda', got {device!r}")
+        target, dev = target_and_device(device)
         cfg = bundle.config
         self.device, self.target = device, target
         self.module, names, self.build_info = build.load_or_build(
@@ -56,3 +62,44 @@ class TVMBackend(RunnerBackend):
             params = to_device(hf_to_tvm(self._bundle.state_dict, cfg, progress=False), names, cfg, self._dev)
         return BatchRunner(module, params, self._dev, cfg.vocab_size, max_batch, max_tokens,
                            self.max_context, name=self.name)
+
+
+class TVMQ4Backend(RunnerBackend):
+    """Chapter 10's 4-bit model: a GGUF's own Q4_1 and Q8_0 blocks (SmolLM2, or any `--model
+    file.gguf`), or a Hugging Face checkpoint's fp32 weights rounded to nearest into the same
+    blocks (`source` says which). Its decode kernels are written for CPUs."""
+
+    name = "tvm-q4"
+    quantized = True
+
+    def __init__(self, bundle, device: str = "cpu", max_context: int = 2048, cache: bool = True,
+                 root=None):
+        import tempfile
+
+        import tvm
+
+        from ..checkpoint import require_shapes
+        from ..quant import dequantize_all, four_bit
+        from ..tvm_llama import build
+        from ..tvm_llama.q4 import Q4LlamaForCausalLM, to_tvm_q4
+        from ..tvm_llama.runner import TVMRunner
+
+        if device != "cpu":
+            raise BackendUnavailable(f"tvm-q4 backend: its kernels are CPU loops (threads and 16-lane "
+                                     f"vectors); there is no {device!r} schedule")
+        target, dev = target_and_device(device)
+        cfg = bundle.config
+        weights, self.source = four_bit(bundle)  # before the build: a bad GGUF fails fast
+        # a GGUF's blocks dequantized *are* the fp32 reference; rounded weights are not
+        self.own_weights = None if bundle.gguf is not None else dequantize_all(weights)
+        params = to_tvm_q4(weights, cfg)
+        self.device, self.target = device, target
+        self.module, names, self.build_info = build.load_or_build(
+            bundle.name, cfg, target, root=root if cache else tempfile.mkdtemp(prefix="llmbook-tvm-"),
+            model_cls=Q4LlamaForCausalLM)
+        want = {n: tuple(p.shape) for n, p in Q4LlamaForCausalLM(cfg, target).named_parameters()}
+        require_shapes({n: a.shape for n, a in params.items()}, want)
+        self.weight_bytes = sum(params[n].nbytes for n in names)  # what one decode step reads
+        self.max_context = min(max_context, cfg.max_position_embeddings)
+        self.runner = TVMRunner(self.module, [tvm.runtime.tensor(params[n], dev) for n in names], dev,
+                                cfg.vocab_size, self.max_context, name=self.name)

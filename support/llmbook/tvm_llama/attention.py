@@ -1,0 +1,103 @@
+# Generated from notebooks/10_4bit.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
+"""A decode attention kernel for TVM's paged KV cache on CPUs: the cache's own
+kernel runs every head and position as scalar loops on one thread. Written in
+notebooks/10_4bit.ipynb."""
+import math
+
+import tvm
+from tvm.script import tirx as T
+
+CACHE_KERNEL = "batch_decode_paged_kv_cpu"  # the cache's decode kernel, by name
+
+
+def decode_attention(num_kv_heads: int, num_heads: int, head_dim: int,
+                     page_size: int = 16) -> tvm.tirx.PrimFunc:
+    """One new query per sequence against its cached keys and values, page by
+    page, with the cache kernel's arguments. Threads take (sequence, head)
+    pairs; the head dimension is vectorized. Per page: 16 scores, their max,
+    one rescale of the running output, then the weighted values (the online
+    softmax of chapter 1, a page at a time)."""
+    H, D, group = num_heads, head_dim, num_heads // num_kv_heads
+    log2e = math.log2(math.e)  # exp(x) = exp2(x * log2 e)
+
+    @T.prim_func(s_tir=True)
+    def decode(q_handle: T.handle, pages_handle: T.handle,
+               indptr_handle: T.handle, values_handle: T.handle,
+               last_len_handle: T.handle, k_rope_handle: T.handle,
+               q_rope_handle: T.handle, out_handle: T.handle,
+               lse_handle: T.handle, rotary_mode: T.int32,
+               rope_scale: T.float32, rope_theta: T.float32,
+               sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B, n_pages, n_used = T.int32(), T.int32(), T.int32()
+        off0, off1, off2, off3, off4 = (T.int32(), T.int32(), T.int32(),
+                                        T.int32(), T.int32())
+        Q = T.match_buffer(q_handle, (B, H, D), "float32")
+        pages = T.match_buffer(
+            pages_handle, (n_pages, 2, num_kv_heads, page_size, D), "float32")
+        indptr = T.match_buffer(indptr_handle, (B + 1,), "int32",
+                                elem_offset=off0)
+        values = T.match_buffer(values_handle, (n_used,), "int32",
+                                elem_offset=off1)
+        last_len = T.match_buffer(last_len_handle, (B,), "int32",
+                                  elem_offset=off2)
+        T.match_buffer(k_rope_handle, (B,), "int32", elem_offset=off3)
+        T.match_buffer(q_rope_handle, (B,), "int32", elem_offset=off4)
+        out = T.match_buffer(out_handle, (B, H, D), "float32")
+        lse = T.match_buffer(lse_handle, (B, H), "float32")
+        # RopeMode.NORMAL (chapter 6) rotates q and k before they reach here
+        T.Assert(rotary_mode == 0, "decode attention expects RoPE applied")
+        for bh in T.parallel(B * H):
+            with T.sblock("attention"):
+                i = T.axis.remap("S", [bh])
+                q = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                o = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                s = T.sblock_alloc_buffer((page_size,), "float32",
+                                          scope="local")
+                # running max, running sum, this page's max, rescale factor
+                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                rows = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                for d in T.vectorized(D):
+                    q[d] = Q[i // H, i % H, d] * sm_scale * T.float32(log2e)
+                    o[d] = T.float32(0)
+                st[0] = T.float32(-3.0e38)
+                st[1] = T.float32(0)
+                # the sequence's pages: values[indptr[seq] : indptr[seq + 1]]
+                for p in range(indptr[i // H + 1] - indptr[i // H]):
+                    # positions in this page: all 16 but in the last page
+                    rows[0] = T.if_then_else(
+                        p == indptr[i // H + 1] - indptr[i // H] - 1,
+                        last_len[i // H], page_size)
+                    st[2] = T.float32(-3.0e38)
+                    for r in range(rows[0]):
+                        s[r] = T.float32(0)
+                        for d in range(D):
+                            s[r] += q[d] * pages[values[indptr[i // H] + p], 0,
+                                                 i % H // group, r, d]
+                        st[2] = T.max(st[2], s[r])
+                    st[3] = T.exp2(st[0] - T.max(st[0], st[2]))
+                    st[0] = T.max(st[0], st[2])
+                    st[1] *= st[3]
+                    for d in T.vectorized(D):
+                        o[d] *= st[3]
+                    for r in range(rows[0]):
+                        s[r] = T.exp2(s[r] - st[0])
+                        st[1] += s[r]
+                        for d in T.vectorized(D):
+                            o[d] += s[r] * pages[values[indptr[i // H] + p], 1,
+                                                 i % H // group, r, d]
+                for d in T.vectorized(D):
+                    out[i // H, i % H, d] = o[d] / st[1]
+                lse[i // H, i % H] = st[0] + T.log2(st[1])
+
+    return decode.with_attr("global_symbol", CACHE_KERNEL)
+
+
+def with_decode_attention(mod: tvm.IRModule, cfg) -> tvm.IRModule:
+    """`mod` (an exported model with a TIR paged KV cache) with the cache's
+    decode attention kernel replaced by decode_attention."""
+    gv = mod.get_global_var(CACHE_KERNEL)
+    mod[gv] = decode_attention(cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+    return mod

@@ -1,0 +1,95 @@
+"""Chapter 10's block formats (llmbook.quant) and the 4-bit engine's inputs: GGUF blocks read as
+stored, rounding to nearest, and the one-line errors for what the engine does not handle."""
+import dataclasses
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from llmbook.checkpoint import CheckpointError, TOY_GQA
+from llmbook.quant import (GROUP, Q4Matrix, bits_per_weight, quantize_q4, quantize_q8,
+                           quantize_state_dict, read_gguf)
+from llmbook.tvm_llama.q4 import TILE, tile_rows, to_tvm_q4
+
+
+def write_gguf(path, tensors: dict):
+    """A GGUF file holding `tensors`: name -> (fp32 array, block type)."""
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for name, (a, kind) in tensors.items():
+        data = a if kind == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(a, kind)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)  # bytes per row
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_q4_rounds_to_the_nearest_step():
+    w = np.random.default_rng(0).standard_normal((48, 96)).astype(np.float32)
+    q = quantize_q4(w)
+    assert q.codes.shape == (48, 48) and q.scale.shape == q.minimum.shape == (48, 3)
+    err = np.abs(q.dequantize() - w).reshape(48, 3, GROUP)
+    step = q.scale.astype(np.float32)[..., None]
+    assert (err <= step / 2 + 2e-3 * np.abs(w).max()).all()  # half a step (fp16 scales aside)
+    assert bits_per_weight(q) == 5.0 and bits_per_weight(quantize_q8(w)) == 8.5
+    again = quantize_q4(q.dequantize())  # rounding the blocks' own values gives them back
+    assert np.array_equal(again.codes, q.codes) and np.array_equal(again.scale, q.scale)
+
+
+def test_q4_1_blocks_read_as_llama_cpp_writes_them(tmp_path):
+    """gguf-py's own Q4_1 quantizer writes the file; read_gguf returns its values exactly."""
+    w = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+    path = write_gguf(tmp_path / "m.gguf", {"blk.0.attn_v.weight": (w, gguf.GGMLQuantizationType.Q4_1)})
+    cfg = TOY_GQA
+    got = read_gguf(path, cfg)["model.layers.0.self_attn.v_proj.weight"]
+    want = gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1),
+                                  gguf.GGMLQuantizationType.Q4_1)
+    assert isinstance(got, Q4Matrix) and np.array_equal(got.dequantize(), want)
+
+
+@pytest.mark.parametrize("name, kind, message", [
+    ("blk.0.attn_q.weight", gguf.GGMLQuantizationType.Q4_0, "blk.0.attn_q.weight is Q4_0"),
+    ("blk.0.ffn_up.weight", gguf.GGMLQuantizationType.Q8_0, "blk.0.ffn_up.weight is Q8_0"),
+    ("token_embd.weight", gguf.GGMLQuantizationType.Q4_1, "token_embd.weight is Q4_1"),
+    ("rope_freqs.weight", gguf.GGMLQuantizationType.F32, "'rope_freqs.weight' is not part"),
+])
+def test_unhandled_gguf_tensors_are_named(tmp_path, name, kind, message):
+    a = np.ones((32, 64), np.float32) if kind != gguf.GGMLQuantizationType.F32 else np.ones(32, np.float32)
+    path = write_gguf(tmp_path / "m.gguf", {name: (a, kind)})
+    with pytest.raises(CheckpointError, match=message):
+        read_gguf(path, TOY_GQA)
+
+
+def test_columns_must_fill_blocks():
+    with pytest.raises(CheckpointError, match="40 columns; 4-bit blocks need a multiple of 32"):
+        quantize_state_dict({"model.layers.0.mlp.up_proj.weight": np.zeros((8, 40), np.float32)})
+
+
+def test_tiles_put_16_rows_side_by_side():
+    w = np.random.default_rng(2).standard_normal((40, 64)).astype(np.float32)  # 3 tiles, last padded
+    q = quantize_q4(w)
+    t = tile_rows(q)
+    assert t["codes"].shape == (3, 2, 16, TILE) and t["scale"].shape == (3, 2, TILE)
+    assert np.array_equal(t["codes"][2, 1, :, 3], q.codes[35, 16:])  # row 35: tile 2, lane 3
+    assert not t["codes"][2, :, :, 8:].any() and not t["scale"][2, :, 8:].any()  # padding rows
+    with pytest.raises(TypeError, match="Q8 blocks expected"):
+        to_tvm_q4({"model.norm.weight": np.ones(4), "model.embed_tokens.weight": q},
+                  dataclasses.replace(TOY_GQA, num_layers=0, tie_word_embeddings=True))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "llmbook", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p, "is not a file"),
+    (lambda p: (p.write_bytes(b"not a gguf at all"), p)[1], "transformers cannot load it"),
+])
+def test_a_bad_gguf_is_one_line(tmp_path, make, message):
+    path = make(tmp_path / "bad.gguf")
+    r = run_cli("compare", "--backend", "tvm-q4", "--model", str(path), "--token-ids", "1,2", "--steps", "2")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
