@@ -33,7 +33,7 @@ $(STAMP): requirements.txt constraints.txt support/pyproject.toml Makefile
 	# llama.cpp, the peer every chapter compares with: PyPI has only its source, so pip compiles
 	# it (about 5 minutes on 2 cores) and keeps the wheel in its cache for the next venv. Where it
 	# cannot be compiled, the book runs without it and says so wherever a llama.cpp row would be.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==$(LLAMA_CPP) \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==$(LLAMA_CPP) -c constraints.txt \
 		|| echo "llama-cpp-python could not be built here: the llama.cpp rows are skipped"
 	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 	touch $(STAMP)

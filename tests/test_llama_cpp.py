@@ -40,5 +40,5 @@ def test_bad_input(smollm2, engine):
 
 
 def test_only_for_the_model_with_a_gguf(toy):
-    with pytest.raises(BackendUnavailable, match="no GGUF file"):
+    with pytest.raises(BackendUnavailable, match="was not loaded from a GGUF file"):
         get_backend("llama.cpp", toy)
