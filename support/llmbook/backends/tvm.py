@@ -5,6 +5,8 @@ model on a target pays the build (seconds on a CPU).
 """
 from __future__ import annotations
 
+import functools
+
 from . import BackendUnavailable, RunnerBackend
 from ..device import gpu_name
 
@@ -79,7 +81,7 @@ class TVMQ4Backend(RunnerBackend):
         import tvm
 
         from ..checkpoint import require_shapes
-        from ..quant import dequantize_all, four_bit
+        from ..quant import four_bit
         from ..tvm_llama import build
         from ..tvm_llama.q4 import Q4LlamaForCausalLM, to_tvm_q4
         from ..tvm_llama.runner import TVMRunner
@@ -90,8 +92,9 @@ class TVMQ4Backend(RunnerBackend):
         target, dev = target_and_device(device)
         cfg = bundle.config
         weights, self.source = four_bit(bundle)  # before the build: a bad GGUF fails fast
-        # a GGUF's blocks dequantized *are* the fp32 reference; rounded weights are not
-        self.own_weights = None if bundle.gguf is not None else dequantize_all(weights)
+        # a GGUF's blocks dequantized *are* the fp32 reference; rounded weights are not, and are
+        # kept (as blocks) for own_weights
+        self._rounded = None if bundle.gguf is not None else weights
         params = to_tvm_q4(weights, cfg)
         self.device, self.target = device, target
         self.module, names, self.build_info = build.load_or_build(
@@ -103,3 +106,12 @@ class TVMQ4Backend(RunnerBackend):
         self.max_context = min(max_context, cfg.max_position_embeddings)
         self.runner = TVMRunner(self.module, [tvm.runtime.tensor(params[n], dev) for n in names], dev,
                                 cfg.vocab_size, self.max_context, name=self.name)
+
+    @functools.cached_property
+    def own_weights(self) -> dict | None:
+        """The fp32 weights it computes with, under Hugging Face names, when it rounded them
+        itself (None for a GGUF's blocks, which are the reference's weights): dequantized on
+        first use, by `compare` and the tests, not at every start."""
+        from ..quant import dequantize_all
+
+        return None if self._rounded is None else dequantize_all(self._rounded)
