@@ -1,4 +1,4 @@
-"""Chapter 9: many sequences in TVM's paged KV cache. Batched decode against each sequence alone,
+"""Chapter 10: many sequences in TVM's paged KV cache. Batched decode against each sequence alone,
 fork and remove against the cache's page count, continuous batching, a full cache, and the
 `batch` command line, on random checkpoints (one whose sizes are not multiples of 16, so the
 schedule rule's fallback without the register tile runs too)."""

@@ -1,4 +1,4 @@
-"""Chapter 10's block formats (llmbook.quant) and the 4-bit engine's inputs: GGUF blocks read as
+"""Chapter 9's block formats (llmbook.quant) and the 4-bit engine's inputs: GGUF blocks read as
 stored, rounding to nearest, and the one-line errors for what the engine does not handle."""
 import dataclasses
 import subprocess

@@ -1,9 +1,9 @@
-# Generated from notebooks/10_4bit.ipynb by `python -m llmbook.export`.
+# Generated from notebooks/09_4bit.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
 """Block quantization as GGUF stores it: Q4_1 matrices and a Q8_0 embedding,
 read from the file as they are, dequantized, or made from fp32 weights by
-rounding to nearest. Written in notebooks/10_4bit.ipynb."""
+rounding to nearest. Written in notebooks/09_4bit.ipynb."""
 import dataclasses
 
 import numpy as np

@@ -1,9 +1,9 @@
-# Generated from notebooks/09_batching.ipynb by `python -m llmbook.export`.
+# Generated from notebooks/10_batching.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
 """Serving many requests on one engine: a batched step checked against solo
 runs, and continuous batching over a batch runner (free_pages, add, step,
-remove). Written in notebooks/09_batching.ipynb."""
+remove). Written in notebooks/10_batching.ipynb."""
 import time
 from collections import deque
 from dataclasses import dataclass, field

@@ -6,7 +6,7 @@ quantized, reset(), prefill(ids), decode(token), each checking its input with
     device             where it computes: "cpu" (the default), or "gpu" (MLX on Metal); the
                        measured CPU bandwidth bounds only the engines on the CPU
     batch_runner(max_batch, max_tokens)
-                       many sequences in one cache, decoded together (chapter 9; `batch` in the
+                       many sequences in one cache, decoded together (chapter 10; `batch` in the
                        command line runs the backends that have it)
 """
 from __future__ import annotations

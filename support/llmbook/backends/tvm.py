@@ -28,6 +28,10 @@ def target_and_device(device: str):
 
 
 class TVMBackend(RunnerBackend):
+    """On a CPU, the book's fastest fp32 TVM model: chapter 6's model with its matrices tiled
+    (section 6), chapter 9's attention kernels and chapter 10's batched decode: one
+    library for one sequence and for many. On CUDA, chapter 6's model under dlight's GPU rules."""
+
     name = "tvm"
 
     def __init__(self, bundle, device: str = "cpu", max_context: int = 2048, cache: bool = True,
@@ -35,39 +39,38 @@ class TVMBackend(RunnerBackend):
         import tempfile
 
         from ..tvm_llama import build
+        from ..tvm_llama.batch import BatchLlamaForCausalLM
         from ..tvm_llama.convert import hf_to_tvm, to_device
+        from ..tvm_llama.model import LlamaForCausalLM
         from ..tvm_llama.runner import TVMRunner
+        from ..tvm_llama.tiled import to_device_tiled
 
         target, dev = target_and_device(device)
         cfg = bundle.config
         self.device, self.target = device, target
+        model_cls = BatchLlamaForCausalLM if device == "cpu" else LlamaForCausalLM
         self.module, names, self.build_info = build.load_or_build(
-            bundle.name, cfg, target, root=root if cache else tempfile.mkdtemp(prefix="llmbook-tvm-"))
-        params = to_device(hf_to_tvm(bundle.state_dict, cfg, progress=progress), names, cfg, dev)
+            bundle.name, cfg, target, root=root if cache else tempfile.mkdtemp(prefix="llmbook-tvm-"),
+            model_cls=model_cls)
+        weights = hf_to_tvm(bundle.state_dict, cfg, progress=progress)
+        params = (to_device_tiled if device == "cpu" else to_device)(weights, names, cfg, dev)
         self.max_context = min(max_context, cfg.max_position_embeddings)
         self.runner = TVMRunner(self.module, params, dev, cfg.vocab_size, self.max_context, name=self.name)
-        self._bundle, self._dev, self._root, self._names = bundle, dev, (root if cache else None), names
 
     def batch_runner(self, max_batch: int, max_tokens: int):
-        """Chapter 9's runner on the same weights: many sequences in one paged cache, decoded
-        together. Its library (chapter 6's model plus `batch_decode`) is built once and cached."""
-        from ..tvm_llama import build
-        from ..tvm_llama.batch import BatchLlamaForCausalLM, BatchRunner
-        from ..tvm_llama.convert import hf_to_tvm, to_device
+        """Chapter 10's runner on the same library and weights: many sequences in one paged
+        cache, decoded together."""
+        from ..tvm_llama.batch import BatchRunner
 
-        cfg = self._bundle.config
-        module, names, _ = build.load_or_build(self._bundle.name, cfg, self.target, root=self._root,
-                                               model_cls=BatchLlamaForCausalLM)
-        if names == self._names:  # the same parameters in the same order: share the device copy
-            params = self.runner.params
-        else:
-            params = to_device(hf_to_tvm(self._bundle.state_dict, cfg, progress=False), names, cfg, self._dev)
-        return BatchRunner(module, params, self._dev, cfg.vocab_size, max_batch, max_tokens,
-                           self.max_context, name=self.name)
+        if self.device != "cpu":
+            raise BackendUnavailable(f"TVM backend: the batched model's kernels are CPU loops; "
+                                     f"there is no {self.device!r} batch")
+        return BatchRunner(self.module, self.runner.params, self.runner.dev, self.runner.vocab_size,
+                           max_batch, max_tokens, self.max_context, name=self.name)
 
 
 class TVMQ4Backend(RunnerBackend):
-    """Chapter 10's 4-bit model: a GGUF's own Q4_1 and Q8_0 blocks (SmolLM2, or any `--model
+    """Chapter 9's 4-bit model: a GGUF's own Q4_1 and Q8_0 blocks (SmolLM2, or any `--model
     file.gguf`), or a Hugging Face checkpoint's fp32 weights rounded to nearest into the same
     blocks (`source` says which). Its decode kernels are written for CPUs."""
 

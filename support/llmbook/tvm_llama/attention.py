@@ -1,9 +1,9 @@
-# Generated from notebooks/10_4bit.ipynb by `python -m llmbook.export`.
+# Generated from notebooks/09_4bit.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
 """A decode attention kernel for TVM's paged KV cache on CPUs: the cache's own
 kernel runs every head and position as scalar loops on one thread. Written in
-notebooks/10_4bit.ipynb."""
+notebooks/09_4bit.ipynb."""
 import math
 
 import tvm
@@ -95,9 +95,99 @@ def decode_attention(num_kv_heads: int, num_heads: int, head_dim: int,
     return decode.with_attr("global_symbol", CACHE_KERNEL)
 
 
-def with_decode_attention(mod: tvm.IRModule, cfg) -> tvm.IRModule:
+PREFILL_KERNEL = "batch_prefill_ragged_kv"  # the cache's prefill kernel
+
+
+def prefill_attention(num_kv_heads: int, num_heads: int,
+                      head_dim: int) -> tvm.tirx.PrimFunc:
+    """The prompt's queries against the prompt's own keys and values (the
+    cache's ragged prefill kernel, with its arguments). Threads take (token,
+    head) pairs, and each pair visits only the keys the causal mask lets it
+    see, 16 at a time, with the same online softmax as decode_attention. The
+    cache's kernel runs every pair on one thread, masked keys included."""
+    H, D, group, block = num_heads, head_dim, num_heads // num_kv_heads, 16
+    log2e = math.log2(math.e)
+
+    @T.prim_func(s_tir=True)
+    def prefill(q_handle: T.handle, q_indptr_handle: T.handle,
+                k_handle: T.handle, v_handle: T.handle,
+                kv_indptr_handle: T.handle, q_rope_handle: T.handle,
+                k_rope_handle: T.handle, out_handle: T.handle,
+                lse_handle: T.handle, causal: T.int32, rotary_mode: T.int32,
+                rope_scale: T.float32, rope_theta: T.float32,
+                sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B, n_q, n_kv = T.int32(), T.int32(), T.int32()
+        off0, off1, off2, off3 = T.int32(), T.int32(), T.int32(), T.int32()
+        Q = T.match_buffer(q_handle, (n_q, H, D), "float32")
+        q_indptr = T.match_buffer(q_indptr_handle, (B + 1,), "int32",
+                                  elem_offset=off0)
+        K = T.match_buffer(k_handle, (n_kv, num_kv_heads, D), "float32")
+        V = T.match_buffer(v_handle, (n_kv, num_kv_heads, D), "float32")
+        kv_indptr = T.match_buffer(kv_indptr_handle, (B + 1,), "int32",
+                                   elem_offset=off1)
+        T.match_buffer(q_rope_handle, (n_q,), "int32", elem_offset=off2)
+        T.match_buffer(k_rope_handle, (B,), "int32", elem_offset=off3)
+        out = T.match_buffer(out_handle, (n_q, H, D), "float32")
+        lse = T.match_buffer(lse_handle, (n_q, H), "float32")
+        T.Assert(rotary_mode == 0, "prefill attention expects RoPE applied")
+        for th in T.parallel(n_q * H):
+            with T.sblock("attention"):
+                i = T.axis.remap("S", [th])
+                q = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                o = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                s = T.sblock_alloc_buffer((block,), "float32", scope="local")
+                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                # [0] the token's sequence, [1] its first key, [2] keys it sees
+                at = T.sblock_alloc_buffer((3,), "int32", scope="local")
+                at[0] = 0
+                for b in range(B):
+                    if q_indptr[b + 1] <= i // H:
+                        at[0] = b + 1
+                at[1] = kv_indptr[at[0]]
+                # causal: the sequence's earlier keys (a cached prefix, in the
+                # kv lengths) plus its own up to this token
+                at[2] = T.if_then_else(
+                    causal > 0,
+                    kv_indptr[at[0] + 1] - kv_indptr[at[0]]
+                    - (q_indptr[at[0] + 1] - i // H) + 1,
+                    kv_indptr[at[0] + 1] - kv_indptr[at[0]])
+                for d in T.vectorized(D):
+                    q[d] = Q[i // H, i % H, d] * sm_scale * T.float32(log2e)
+                    o[d] = T.float32(0)
+                st[0] = T.float32(-3.0e38)
+                st[1] = T.float32(0)
+                for c in range((at[2] + block - 1) // block):
+                    st[2] = T.float32(-3.0e38)
+                    for r in range(T.min(block, at[2] - c * block)):
+                        s[r] = T.float32(0)
+                        for d in range(D):
+                            s[r] += q[d] * K[at[1] + c * block + r,
+                                             i % H // group, d]
+                        st[2] = T.max(st[2], s[r])
+                    st[3] = T.exp2(st[0] - T.max(st[0], st[2]))
+                    st[0] = T.max(st[0], st[2])
+                    st[1] *= st[3]
+                    for d in T.vectorized(D):
+                        o[d] *= st[3]
+                    for r in range(T.min(block, at[2] - c * block)):
+                        s[r] = T.exp2(s[r] - st[0])
+                        st[1] += s[r]
+                        for d in T.vectorized(D):
+                            o[d] += s[r] * V[at[1] + c * block + r,
+                                             i % H // group, d]
+                for d in T.vectorized(D):
+                    out[i // H, i % H, d] = o[d] / st[1]
+                lse[i // H, i % H] = st[0] + T.log2(st[1])
+
+    return prefill.with_attr("global_symbol", PREFILL_KERNEL)
+
+
+def with_attention_kernels(mod: tvm.IRModule, cfg) -> tvm.IRModule:
     """`mod` (an exported model with a TIR paged KV cache) with the cache's
-    decode attention kernel replaced by decode_attention."""
-    gv = mod.get_global_var(CACHE_KERNEL)
-    mod[gv] = decode_attention(cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+    decode and prefill attention kernels replaced by ours."""
+    for name, kernel in ((CACHE_KERNEL, decode_attention),
+                         (PREFILL_KERNEL, prefill_attention)):
+        mod[mod.get_global_var(name)] = kernel(cfg.num_kv_heads, cfg.num_heads,
+                                               cfg.head_dim)
     return mod

@@ -1,9 +1,9 @@
-# Generated from notebooks/09_batching.ipynb by `python -m llmbook.export`.
+# Generated from notebooks/10_batching.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
-"""Many sequences through one compiled model: chapter 6's model plus a batched
-decode, and a runner that adds, forks, steps and removes sequences in TVM's
-paged KV cache. Written in notebooks/09_batching.ipynb."""
+"""Many sequences through one compiled model: chapter 6's tiled model with
+chapter 9's attention kernels and a batched decode, and a runner that adds,
+forks, steps and removes sequences in TVM's paged KV cache. Written in notebooks/10_batching.ipynb."""
 import math
 
 import numpy as np
@@ -15,21 +15,25 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.runtime import ShapeTuple
 
 from llmbook.engine import check_tokens
-from llmbook.tvm_llama.model import LlamaForCausalLM
+from llmbook.tvm_llama.attention import with_attention_kernels
+from llmbook.tvm_llama.tiled import TiledLlamaForCausalLM
 
 PAGE_SIZE = 16  # tokens a page holds: TVM's CPU attention kernels need 16
 
 
-class BatchLlamaForCausalLM(LlamaForCausalLM):
-    """Chapter 6's model with one more function: `batch_decode`, one new token
-    for each of `batch_size` sequences, whatever their lengths, in one call."""
+class BatchLlamaForCausalLM(TiledLlamaForCausalLM):
+    """Chapter 6's tiled model with chapter 9's attention kernels and one more
+    function: `batch_decode`, one new token for each of `batch_size`
+    sequences, whatever their lengths, in one call."""
 
     def batch_decode(self, input_ids: Tensor, cache: PagedKVCache):
-        table = self.model.embed_tokens.weight
-        rows = relax.op.take(table._expr, input_ids._expr, axis=0, mode="clip")
-        batch, hidden = input_ids.shape[0], self.cfg.hidden_size
-        x = op.reshape(op.wrap_nested(rows, name="embed"), [batch, 1, hidden])
+        rows = self.model.embed_tokens.lookup(input_ids)
+        x = op.reshape(rows, [input_ids.shape[0], 1, self.cfg.hidden_size])
         return self.logits(self.model(x, cache)), cache
+
+    def export_tvm(self, spec, **kwargs):
+        mod, *rest = super().export_tvm(spec, **kwargs)
+        return (with_attention_kernels(mod, self.cfg), *rest)
 
     def functions(self) -> dict:
         packed = {"param_mode": "packed", "effect_mode": "none"}

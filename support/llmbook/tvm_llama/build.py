@@ -2,7 +2,7 @@
 
 A library lives in `cache_dir()/tvm/<model>-<kind>-<key>.so` with a `.json` beside it (parameter
 names, build time, what the key was made of). The key hashes the model config, the target, the
-schedule flag, the TVM version, VERSION, the model class (chapter 6's, or chapter 9's with a
+schedule flag, the TVM version, VERSION, the model class (chapter 6's, or chapter 10's with a
 batched decode) and the source of pipeline.py and of every module that class is written in, so
 editing a chapter's model or pipeline rebuilds instead of loading a stale library.
 """

@@ -1,9 +1,9 @@
-# Generated from notebooks/10_4bit.ipynb by `python -m llmbook.export`.
+# Generated from notebooks/09_4bit.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
 """Chapter 6's model in the GGUF's own bits: 4-bit matrices, an 8-bit
 embedding and head, repacked into tiles of 16 rows, and decode kernels that
-dequantize as they multiply. Written in notebooks/10_4bit.ipynb."""
+dequantize as they multiply. Written in notebooks/09_4bit.ipynb."""
 import functools
 
 import numpy as np
@@ -13,15 +13,9 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
 from llmbook.quant import GROUP, Q4Matrix
-from llmbook.tvm_llama.attention import with_decode_attention  # section 5
+from llmbook.tvm_llama.attention import with_attention_kernels  # section 5
 from llmbook.tvm_llama.model import LlamaForCausalLM
-
-TILE = 16  # rows side by side: 16 fp32 partial sums fill one 512-bit vector
-
-
-def tiles(rows: int) -> int:
-    return -(-rows // TILE)
-
+from llmbook.tvm_llama.tiled import TILE, tiled_product, tiles  # chapter 6
 
 def tile_rows(m) -> dict[str, np.ndarray]:
     """A Q4Matrix or Q8Matrix in tiles of 16 rows, one row per vector lane:
@@ -180,19 +174,20 @@ def q8_gemv(rows: int, cols: int) -> tirx.PrimFunc:
 
 
 def q4_dequantize(codes: te.Tensor, scale: te.Tensor, minimum: te.Tensor):
-    """The whole matrix in fp32, [tiles * 16, cols], for prefill: its matrix
-    products then run as chapter 6's fp32 register tiles. Row i is lane
-    i % 16 of tile i // 16."""
+    """The whole matrix in fp32 for prefill, in chapter 6's tiles of 16 rows,
+    [tiles, cols, 16]: its products then run as chapter 6's tiled_matmul.
+    The 4-bit tiles already hold 16 rows side by side, so lane r of tile t is
+    row 16 t + r in both."""
     n, g, _, lanes = codes.shape
 
-    def weight(i, k):
-        t, r, b, j = i // TILE, i % TILE, k // GROUP, k % GROUP
+    def weight(t, k, r):
+        b, j = k // GROUP, k % GROUP
         shift = (j // 16 * 4).astype("uint8")
         q = (codes[t, b, j % 16, r] >> shift) & te.const(15, "uint8")
         return (scale[t, b, r].astype("float32") * q.astype("float32")
                 + minimum[t, b, r].astype("float32"))
 
-    return te.compute((n * lanes, g * GROUP), weight, name="q4_dequantize")
+    return te.compute((n, g * GROUP, lanes), weight, name="q4_dequantize")
 
 
 def q8_dequantize(codes: te.Tensor, scale: te.Tensor, ids=None):
@@ -235,9 +230,9 @@ class Q4Linear(nn.Module):
             y = Tensor.placeholder([1, 1, tiles(self.out_features) * TILE],
                                    "float32")
             y = op.tensor_ir_op(kernel, "q4_gemv", [x, *w], y)
-        else:  # many tokens: dequantize once, then an fp32 matrix product
+        else:  # many tokens: dequantize once into fp32 tiles, then multiply
             dense = op.tensor_expr_op(q4_dequantize, "q4_dequantize", w)
-            y = op.matmul(x, op.permute_dims(dense))
+            return tiled_product(x, dense, self.out_features)
         return unpad(y, self.out_features)
 
 
@@ -268,7 +263,7 @@ class Q8Table(nn.Module):
 
 class Q4LlamaForCausalLM(LlamaForCausalLM):
     """Chapter 6's model with every matrix in 4 bits, the embedding and the
-    head in 8, and the decode attention kernel of section 5."""
+    head in 8, and the attention kernels of section 5."""
 
     def __init__(self, cfg, target):
         super().__init__(cfg, target)
@@ -294,4 +289,4 @@ class Q4LlamaForCausalLM(LlamaForCausalLM):
 
     def export_tvm(self, spec, **kwargs):
         mod, *rest = super().export_tvm(spec, **kwargs)
-        return (with_decode_attention(mod, self.cfg), *rest)
+        return (with_attention_kernels(mod, self.cfg), *rest)

@@ -1,0 +1,168 @@
+# Generated from notebooks/06_tvm.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
+"""Chapter 6's model with its matrix products in one hand-written kernel: every
+weight matrix in tiles of 16 rows, one row per vector lane, and a register
+tile of 16 tokens x 16 rows. Written in notebooks/06_tvm.ipynb."""
+import functools
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.script import tirx as T
+
+from llmbook.checkpoint import require_shapes
+from llmbook.tvm_llama.convert import tvm_shapes
+from llmbook.tvm_llama.model import LlamaForCausalLM
+
+TILE = 16  # weight rows side by side: 16 fp32 lanes fill one 512-bit vector
+TOKENS = 16  # tokens per register tile: 16 sums of 16 lanes, 16 registers
+STREAMS = 4  # a lone token's sum split four ways: four multiply-adds in flight
+
+
+def tiles(rows: int) -> int:
+    return -(-rows // TILE)
+
+
+def tile_matrix(w: np.ndarray) -> np.ndarray:
+    """[rows, cols] -> [tiles, cols, 16]: row i is lane i % 16 of tile i // 16,
+    and a last tile past the matrix's end is padded with zero rows."""
+    rows, cols = w.shape
+    w = np.concatenate([w, np.zeros((tiles(rows) * TILE - rows, cols), w.dtype)])
+    return np.ascontiguousarray(w.reshape(-1, TILE, cols).transpose(0, 2, 1))
+
+
+@functools.cache
+def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
+    """y = x W^T for any number of tokens m, W in n tiles of 16 rows. Threads
+    take tiles. Each group of 16 tokens is a register tile: per column k, one
+    vector load of the tile's 16 weights and 16 broadcasts of x[t, k] feed 16
+    multiply-adds into 16 registers of sums. Tokens left over (all of them in
+    decode) go one at a time, their sum split into 4 independent streams."""
+    main = cols // STREAMS * STREAMS
+
+    @T.prim_func(s_tir=True)
+    def tiled_matmul(x_handle: T.handle,
+                     w: T.Buffer((n, cols, TILE), "float32"),
+                     y_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_handle, (m, cols), "float32")
+        y = T.match_buffer(y_handle, (m, n * TILE), "float32")
+        for p in T.parallel(n):
+            for g in range(m // TOKENS):
+                with T.sblock("tile"):
+                    vp, vg = T.axis.remap("SS", [p, g])
+                    acc = T.sblock_alloc_buffer((TOKENS, TILE), "float32",
+                                                scope="local")
+                    for t in T.unroll(TOKENS):
+                        for r in T.vectorized(TILE):
+                            acc[t, r] = T.float32(0)
+                    for k in range(cols):
+                        for t in T.unroll(TOKENS):
+                            for r in T.vectorized(TILE):
+                                acc[t, r] += x[vg * TOKENS + t, k] * w[vp, k, r]
+                    for t in T.unroll(TOKENS):
+                        for r in T.vectorized(TILE):
+                            y[vg * TOKENS + t, vp * TILE + r] = acc[t, r]
+            for t in range(m % TOKENS):
+                with T.sblock("token"):
+                    vp, vt = T.axis.remap("SS", [p, t])
+                    acc = T.sblock_alloc_buffer((STREAMS, TILE), "float32",
+                                                scope="local")
+                    for s in T.unroll(STREAMS):
+                        for r in T.vectorized(TILE):
+                            acc[s, r] = T.float32(0)
+                    for k in range(main // STREAMS):
+                        for s in T.unroll(STREAMS):
+                            for r in T.vectorized(TILE):
+                                acc[s, r] += (x[m - m % TOKENS + vt, k * STREAMS + s]
+                                              * w[vp, k * STREAMS + s, r])
+                    for k in range(cols - main):
+                        for r in T.vectorized(TILE):
+                            acc[0, r] += (x[m - m % TOKENS + vt, main + k]
+                                          * w[vp, main + k, r])
+                    for r in T.vectorized(TILE):
+                        y[m - m % TOKENS + vt, vp * TILE + r] = (
+                            acc[0, r] + acc[1, r] + acc[2, r] + acc[3, r])
+
+    return tiled_matmul.with_attr("global_symbol", f"tiled_matmul_{n}x{cols}")
+
+
+def tiled_product(x: Tensor, weight: Tensor, rows: int) -> Tensor:
+    """x [..., cols] times a tiled [tiles, cols, 16] matrix -> [..., rows]."""
+    *lead, cols = x.shape
+    n = weight.shape[0]
+    flat = op.reshape(x, [-1, cols])
+    y = Tensor.placeholder([flat.shape[0], n * TILE], "float32")
+    y = op.reshape(op.tensor_ir_op(tiled_matmul(n, cols), "tiled_matmul",
+                                   [flat, weight], y), [*lead, n * TILE])
+    return y if n * TILE == rows else op.split(y, [rows], axis=-1)[0]
+
+
+class TiledLinear(nn.Module):
+    """x W^T with W in tiles of 16 rows."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter((tiles(out_features), in_features, TILE),
+                                   "float32")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return tiled_product(x, self.weight, self.out_features)
+
+
+class TiledEmbedding(nn.Module):
+    """The embedding table in tiles: a lookup reads a row's 16-strided lane,
+    and (tied) the head is a tiled product."""
+
+    def __init__(self, rows: int, cols: int):
+        self.rows, self.cols = rows, cols
+        self.weight = nn.Parameter((tiles(rows), cols, TILE), "float32")
+
+    def lookup(self, ids: Tensor) -> Tensor:  # [n] int32 -> [n, cols]
+        def rows(table: te.Tensor, ids: te.Tensor):
+            return te.compute((ids.shape[0], self.cols),
+                              lambda i, k: table[ids[i] // TILE, k, ids[i] % TILE],
+                              name="rows")
+
+        return op.tensor_expr_op(rows, "embed_rows", [self.weight, ids])
+
+    def forward(self, x: Tensor) -> Tensor:  # x @ table.T: the tied head
+        return tiled_product(x, self.weight, self.rows)
+
+
+class TiledLlamaForCausalLM(LlamaForCausalLM):
+    """Chapter 6's model with every matrix tiled and multiplied by tiled_matmul
+    (CPU only: the kernel is written for 16-lane vectors and threads)."""
+
+    def __init__(self, cfg, target):
+        super().__init__(cfg, target)
+        h, ffn = cfg.hidden_size, cfg.intermediate_size
+        d, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        for layer in self.model.layers:
+            layer.self_attn.qkv_proj = TiledLinear(h, d + 2 * kv)
+            layer.self_attn.o_proj = TiledLinear(d, h)
+            layer.mlp.gate_up_proj = TiledLinear(h, 2 * ffn)
+            layer.mlp.down_proj = TiledLinear(ffn, h)
+        self.model.embed_tokens = TiledEmbedding(cfg.vocab_size, h)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = TiledLinear(h, cfg.vocab_size)
+
+    def logits(self, x: Tensor) -> Tensor:
+        tied = self.cfg.tie_word_embeddings
+        return (self.model.embed_tokens if tied else self.lm_head)(x)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        rows = self.model.embed_tokens.lookup(op.reshape(input_ids, [-1]))
+        return op.reshape(rows, [1, input_ids.shape[1], self.cfg.hidden_size])
+
+
+def to_device_tiled(weights: dict, names: list[str], cfg, dev) -> list:
+    """hf_to_tvm's parameters, checked, every matrix tiled (the norms are
+    vectors and stay), in the compiled functions' order, on `dev`."""
+    require_shapes({k: v.shape for k, v in weights.items()}, tvm_shapes(cfg))
+    return [tvm.runtime.tensor(tile_matrix(w) if w.ndim == 2 else w, dev)
+            for w in (weights[n] for n in names)]
