@@ -33,19 +33,22 @@ def test_interface(engine, request):
     name = request.node.callspec.params["engine"]
     assert isinstance(engine, Backend)
     assert engine.name == name and isinstance(engine.quantized, bool)
-    assert engine.quantized == (name in ("tflite-int8", "tvm-q4", "llama.cpp"))
+    assert engine.quantized == (name in ("tflite-int8", "tflite-int4", "tvm-q4", "mlx-q4", "llama.cpp"))
     assert 0 < engine.max_context <= 2048
 
 
 def test_parity_with_the_reference(engine, bundle):
     own = getattr(engine, "own_weights", None)
-    # an engine that rounds the weights itself (tvm-q4) is held to the reference model on
+    # an engine that rounds the weights itself (tvm-q4, mlx-q4) is held to the reference model on
     # those rounded weights, exactly; the others to the fp32 one
     ref = HFBackend(bundle if own is None else bundle.with_weights(own))
     got, want = engine.prefill(PROMPT), ref.prefill(PROMPT)
     assert got.shape == want.shape == (bundle.config.vocab_size,) and got.dtype == np.float32
-    if engine.quantized and own is None:  # rounded weights: close; the top token survives
-        assert np.abs(got - want).max() < 0.5 and np.argmax(got) == np.argmax(want)
+    if engine.quantized and own is None:  # weights rounded again: the same function, roughly
+        # logits correlate at 0.998 or more after int8 rounding of these random toys, at 0.8 to
+        # 0.96 after int4 rounding (LiteRT's symmetric blocks, with int8 activations); a wrong
+        # layer or weight order gives about 0. test_tflite holds int8 to its own bounds.
+        assert np.corrcoef(got, want)[0, 1] > 0.75
     else:
         assert np.abs(got - want).max() <= 1e-3
         assert greedy(engine, PROMPT, STEPS) == greedy(ref, PROMPT, STEPS)

@@ -69,12 +69,13 @@ def test_columns_must_fill_blocks():
 
 
 def test_tiles_put_16_rows_side_by_side():
-    w = np.random.default_rng(2).standard_normal((40, 64)).astype(np.float32)  # 3 tiles, last padded
+    w = np.random.default_rng(2).standard_normal((40, 64)).astype(np.float32)
     q = quantize_q4(w)
-    t = tile_rows(q)
-    assert t["codes"].shape == (3, 2, 16, TILE) and t["scale"].shape == (3, 2, TILE)
+    t = tile_rows(q)  # 40 rows padded to 64: chapter 6's kernel takes tiles 4 at a time
+    assert t["codes"].shape == (4, 2, 16, TILE) and t["scale"].shape == (4, 2, TILE)
     assert np.array_equal(t["codes"][2, 1, :, 3], q.codes[35, 16:])  # row 35: tile 2, lane 3
     assert not t["codes"][2, :, :, 8:].any() and not t["scale"][2, :, 8:].any()  # padding rows
+    assert not t["codes"][3].any() and not t["scale"][3].any()
     with pytest.raises(TypeError, match="Q8 blocks expected"):
         to_tvm_q4({"model.norm.weight": np.ones(4), "model.embed_tokens.weight": q},
                   dataclasses.replace(TOY_GQA, num_layers=0, tie_word_embeddings=True))

@@ -149,8 +149,10 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
 
 # ---- figures ---------------------------------------------------------------------------------
 
-COLORS = {"hf": "tab:gray", "torch-fused": "tab:orange", "mlx": "tab:purple", "tvm": "tab:blue", "tvm-q4": "tab:cyan",
-          "tflite": "tab:green", "tflite-int8": "tab:olive", "llama.cpp": "tab:red"}
+COLORS = {"hf": "tab:gray", "torch-fused": "tab:orange", "mlx": "tab:purple", "mlx-q4": "tab:pink",
+          "tvm": "tab:blue", "tvm-q4": "tab:cyan",
+          "tflite": "tab:green", "tflite-int8": "tab:olive",
+          "tflite-int4": "tab:brown", "llama.cpp": "tab:red"}
 
 
 def plot(doc: dict, axes=None):

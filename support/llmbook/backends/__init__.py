@@ -22,10 +22,12 @@ REGISTRY = {
     "hf": ("llmbook.backends.hf", "HFBackend", "transformers"),
     "torch-fused": ("llmbook.backends.fused", "TorchFusedBackend", "torch and transformers"),
     "mlx": ("llmbook.backends.mlx", "MLXBackend", "mlx[cpu] (Linux) or mlx (macOS)"),
+    "mlx-q4": ("llmbook.backends.mlx", "MLXQ4Backend", "mlx[cpu] (Linux) or mlx (macOS)"),
     "tvm": ("llmbook.backends.tvm", "TVMBackend", "apache-tvm==0.26.0"),
     "tvm-q4": ("llmbook.backends.tvm", "TVMQ4Backend", "apache-tvm==0.26.0"),
     "tflite": ("llmbook.backends.tflite", "TFLiteBackend", "litert-torch and ai-edge-litert"),
     "tflite-int8": ("llmbook.backends.tflite", "TFLiteInt8Backend", "litert-torch and ai-edge-litert"),
+    "tflite-int4": ("llmbook.backends.tflite", "TFLiteInt4Backend", "litert-torch and ai-edge-litert"),
     "llama.cpp": ("llmbook.backends.llama_cpp", "LlamaCppBackend", "llama-cpp-python==0.3.36 (make compiles it)"),
 }
 

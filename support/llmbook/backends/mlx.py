@@ -1,4 +1,7 @@
-"""The book's own MLX Llama (chapters 1-3) behind the backend interface."""
+"""The book's own MLX Llama (chapters 1-3) behind the backend interface, in fp32 and (mlx-q4) on
+chapter 9's 4-bit blocks."""
+import functools
+
 import mlx.core as mx
 import numpy as np
 
@@ -24,3 +27,34 @@ class MLXBackend(StepBackend):
     def _forward(self, ids):
         logits, self.cache = self.model(mx.array([ids]), self.cache)
         return np.array(logits[0, -1])
+
+
+class MLXQ4Backend(MLXBackend):
+    """The same MLX Llama with chapter 9's blocks in MLX's quantized layers: the GGUF's own Q4_1
+    and Q8_0 blocks, or a Hugging Face checkpoint's fp32 weights rounded to nearest into them
+    (`source` says which)."""
+
+    name = "mlx-q4"
+    quantized = True
+
+    def __init__(self, bundle):
+        from mlx.utils import tree_flatten
+
+        from ..mlx_llama.q4 import quantized_llama
+        from ..quant import four_bit
+
+        weights, self.source = four_bit(bundle)
+        self._rounded = None if bundle.gguf is not None else weights
+        self.model = quantized_llama(bundle.config, weights)
+        # what one decode step reads: every code, scale and bias (the tied table as the head)
+        self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        self.vocab_size = bundle.config.vocab_size
+        self.max_context = bundle.config.max_position_embeddings
+        self.reset()
+
+    @functools.cached_property
+    def own_weights(self) -> dict | None:
+        """The fp32 weights it computes with when it rounded them itself (see TVMQ4Backend)."""
+        from ..quant import dequantize_all
+
+        return None if self._rounded is None else dequantize_all(self._rounded)

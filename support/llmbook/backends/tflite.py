@@ -1,8 +1,9 @@
 """A Llama-family checkpoint exported to LiteRT with litert-torch, behind the backend interface:
-fp32, and int8 with Hadamard rotation (the int8 recipe of chapter 7 that keeps top-1 agreement above 90%).
+fp32, int8 with Hadamard rotation (the int8 recipe of chapter 7 that keeps top-1 agreement above 90%),
+and LiteRT's int4 recipe (chapter 9).
 
 The fp32 .tflite file is converted on first use (in a subprocess: about 2 minutes and 4 GB for SmolLM2
-on the 2-core machine), the int8 one rewritten from it by ai_edge_quantizer (seconds); both are cached
+on the 2-core machine), the quantized ones rewritten from it by ai_edge_quantizer (seconds); all are cached
 on disk keyed by model, config, weights, shapes, recipe and environment (llmbook.litert_llama.build).
 """
 from __future__ import annotations
@@ -44,4 +45,14 @@ class TFLiteInt8Backend(TFLiteBackend):
 
     name = "tflite-int8"
     recipe = "int8-hadamard"
+    quantized = True
+
+
+class TFLiteInt4Backend(TFLiteBackend):
+    """LiteRT's 4-bit recipe (chapter 9): int4 weights in blocks of 32 with one scale each
+    (symmetric: the fp32 weights are rounded again, LiteRT has no minimum per block), and int8
+    activations quantized per call."""
+
+    name = "tflite-int4"
+    recipe = "int4-blockwise"
     quantized = True

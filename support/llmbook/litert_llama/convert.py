@@ -9,24 +9,28 @@ import torch
 from ai_edge_quantizer import recipe as aeq_recipes
 from ai_edge_quantizer.algorithm_manager import AlgorithmName
 from litert_torch.generative.layers import kv_cache as kv_utils
-from litert_torch.generative.quantize import quant_recipes
+from litert_torch.generative.quantize import quant_attrs, quant_recipes
 from litert_torch.generative.utilities.converter import ExportableModule
 from litert_torch.generative.utilities.export_config import ExportConfig
 from litert_torch.quantize import translate_recipe
 
-RECIPES = ("fp32", "int8-dynamic", "int8-weight-only", "int8-hadamard")
+RECIPES = ("fp32", "int8-dynamic", "int8-weight-only", "int8-hadamard", "int4-blockwise")
 
 
 def quant_recipe(recipe: str, mcfg):
-    """The ai_edge_quantizer recipe for an int8 recipe name."""
+    """The ai_edge_quantizer recipe for a quantized recipe's name."""
     if recipe == "int8-dynamic":  # int8 weights per channel; activations quantized on the fly
         generative = quant_recipes.full_dynamic_recipe(mcfg=mcfg).generative_recipe
     elif recipe == "int8-weight-only":  # int8 weights per channel; the arithmetic stays fp32
         generative = quant_recipes.full_weight_only_recipe(mcfg=mcfg).generative_recipe
+    elif recipe == "int4-blockwise":  # int4 weights, a scale per 32; int8 activations per call
+        generative = quant_recipes.full_dynamic_recipe(
+            mcfg=mcfg, weight_dtype=quant_attrs.Dtype.INT4,
+            granularity=quant_attrs.Granularity.BLOCKWISE_32).generative_recipe
     elif recipe == "int8-hadamard":  # int8 dynamic after a Hadamard rotation; litert-torch has no name for it
         return aeq_recipes.dynamic_wi8_afp32(algorithm_key=AlgorithmName.DECOMPOSED_HADAMARD_ROTATION)
     else:
-        raise ValueError(f"unknown int8 recipe {recipe!r}; known: {', '.join(RECIPES[1:])}")
+        raise ValueError(f"unknown quantization recipe {recipe!r}; known: {', '.join(RECIPES[1:])}")
     return translate_recipe.translate_to_ai_edge_recipe(generative)
 
 

@@ -20,7 +20,8 @@ from llmbook.tvm_llama.tiled import TILE, tiled_product, tiles  # chapter 6
 def tile_rows(m) -> dict[str, np.ndarray]:
     """A Q4Matrix or Q8Matrix in tiles of 16 rows, one row per vector lane:
     codes [tiles, groups, byte, 16], scales [tiles, groups, 16]. A last tile
-    past the matrix's end is padded with zero rows."""
+    past the matrix's end is padded with zero rows (to a multiple of 4 tiles,
+    as chapter 6's tiled_matmul takes them for prefill)."""
     pad = tiles(m.shape[0]) * TILE - m.shape[0]
 
     def tiled(a, per_group):

@@ -3,7 +3,7 @@
 
 """Chapter 6's model with its matrix products in one hand-written kernel: every
 weight matrix in tiles of 16 rows, one row per vector lane, and a register
-tile of 16 tokens x 16 rows. Written in notebooks/06_tvm.ipynb."""
+tile of 4 tokens x 4 tiles. Written in notebooks/06_tvm.ipynb."""
 import functools
 
 import numpy as np
@@ -18,17 +18,18 @@ from llmbook.tvm_llama.convert import tvm_shapes
 from llmbook.tvm_llama.model import LlamaForCausalLM
 
 TILE = 16  # weight rows side by side: 16 fp32 lanes fill one 512-bit vector
-TOKENS = 16  # tokens per register tile: 16 sums of 16 lanes, 16 registers
-STREAMS = 4  # a lone token's sum split four ways: four multiply-adds in flight
+TILES = 4  # tiles a thread takes at once: four streams of weights from memory
+TOKENS = 4  # tokens per register tile: 4 tokens x 4 tiles = 16 vector sums
 
 
 def tiles(rows: int) -> int:
-    return -(-rows // TILE)
+    """Tiles for `rows` rows, rounded up to whole groups of TILES."""
+    return -(-rows // (TILE * TILES)) * TILES
 
 
 def tile_matrix(w: np.ndarray) -> np.ndarray:
     """[rows, cols] -> [tiles, cols, 16]: row i is lane i % 16 of tile i // 16,
-    and a last tile past the matrix's end is padded with zero rows."""
+    and rows past the matrix's end are zeros."""
     rows, cols = w.shape
     w = np.concatenate([w, np.zeros((tiles(rows) * TILE - rows, cols), w.dtype)])
     return np.ascontiguousarray(w.reshape(-1, TILE, cols).transpose(0, 2, 1))
@@ -36,12 +37,13 @@ def tile_matrix(w: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
-    """y = x W^T for any number of tokens m, W in n tiles of 16 rows. Threads
-    take tiles. Each group of 16 tokens is a register tile: per column k, one
-    vector load of the tile's 16 weights and 16 broadcasts of x[t, k] feed 16
-    multiply-adds into 16 registers of sums. Tokens left over (all of them in
-    decode) go one at a time, their sum split into 4 independent streams."""
-    main = cols // STREAMS * STREAMS
+    """y = x W^T for any number of tokens m, W in n tiles of 16 rows. A thread
+    takes 4 tiles (64 rows) at a time, and a register tile covers 4 tokens:
+    per column k, 4 vector loads of weights and 4 broadcasts of x[t, k] feed
+    16 multiply-adds into 16 registers of sums. Tokens left over (all of them
+    in decode, m = 1) go one at a time, 4 sums, one per tile."""
+    if n % TILES:
+        raise ValueError(f"{n} tiles: tiled_matmul takes whole groups of {TILES}")
 
     @T.prim_func(s_tir=True)
     def tiled_matmul(x_handle: T.handle,
@@ -51,42 +53,39 @@ def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
         m = T.int64()
         x = T.match_buffer(x_handle, (m, cols), "float32")
         y = T.match_buffer(y_handle, (m, n * TILE), "float32")
-        for p in T.parallel(n):
+        for p in T.parallel(n // TILES):
             for g in range(m // TOKENS):
                 with T.sblock("tile"):
                     vp, vg = T.axis.remap("SS", [p, g])
-                    acc = T.sblock_alloc_buffer((TOKENS, TILE), "float32",
+                    acc = T.sblock_alloc_buffer((TOKENS, TILES, TILE), "float32",
                                                 scope="local")
-                    for t in T.unroll(TOKENS):
-                        for r in T.vectorized(TILE):
-                            acc[t, r] = T.float32(0)
+                    for t, r in T.grid(TOKENS, TILES):
+                        for i in T.vectorized(TILE):
+                            acc[t, r, i] = T.float32(0)
                     for k in range(cols):
-                        for t in T.unroll(TOKENS):
-                            for r in T.vectorized(TILE):
-                                acc[t, r] += x[vg * TOKENS + t, k] * w[vp, k, r]
-                    for t in T.unroll(TOKENS):
-                        for r in T.vectorized(TILE):
-                            y[vg * TOKENS + t, vp * TILE + r] = acc[t, r]
+                        for r in T.unroll(TILES):
+                            for t in T.unroll(TOKENS):
+                                for i in T.vectorized(TILE):
+                                    acc[t, r, i] += (x[vg * TOKENS + t, k]
+                                                     * w[vp * TILES + r, k, i])
+                    for t, r in T.grid(TOKENS, TILES):
+                        for i in T.vectorized(TILE):
+                            y[vg * TOKENS + t, (vp * TILES + r) * TILE + i] = acc[t, r, i]
             for t in range(m % TOKENS):
                 with T.sblock("token"):
                     vp, vt = T.axis.remap("SS", [p, t])
-                    acc = T.sblock_alloc_buffer((STREAMS, TILE), "float32",
-                                                scope="local")
-                    for s in T.unroll(STREAMS):
-                        for r in T.vectorized(TILE):
-                            acc[s, r] = T.float32(0)
-                    for k in range(main // STREAMS):
-                        for s in T.unroll(STREAMS):
-                            for r in T.vectorized(TILE):
-                                acc[s, r] += (x[m - m % TOKENS + vt, k * STREAMS + s]
-                                              * w[vp, k * STREAMS + s, r])
-                    for k in range(cols - main):
-                        for r in T.vectorized(TILE):
-                            acc[0, r] += (x[m - m % TOKENS + vt, main + k]
-                                          * w[vp, main + k, r])
-                    for r in T.vectorized(TILE):
-                        y[m - m % TOKENS + vt, vp * TILE + r] = (
-                            acc[0, r] + acc[1, r] + acc[2, r] + acc[3, r])
+                    acc = T.sblock_alloc_buffer((TILES, TILE), "float32", scope="local")
+                    for r in T.unroll(TILES):
+                        for i in T.vectorized(TILE):
+                            acc[r, i] = T.float32(0)
+                    for k in range(cols):
+                        for r in T.unroll(TILES):
+                            for i in T.vectorized(TILE):
+                                acc[r, i] += (x[m - m % TOKENS + vt, k]
+                                              * w[vp * TILES + r, k, i])
+                    for r in T.unroll(TILES):
+                        for i in T.vectorized(TILE):
+                            y[m - m % TOKENS + vt, (vp * TILES + r) * TILE + i] = acc[r, i]
 
     return tiled_matmul.with_attr("global_symbol", f"tiled_matmul_{n}x{cols}")
 
