@@ -461,10 +461,10 @@ def roofline(bandwidth_gbs: float, compute_gflops: float, points: list[dict]) ->
     a, b = ax.transData.transform([(x_text, bandwidth_gbs * x_text),
                                    (10 * x_text, bandwidth_gbs * 10 * x_text)])
     angle = math.degrees(math.atan2(b[1] - a[1], b[0] - a[0]))
-    ax.annotate(f"memory: {bandwidth_gbs:g} GB/s", (x_text, bandwidth_gbs * x_text),
+    ax.annotate(f"memory: {bandwidth_gbs:.0f} GB/s", (x_text, bandwidth_gbs * x_text),
                 xytext=(-4, 6), textcoords="offset points", rotation=angle,
                 rotation_mode="anchor", ha="left", fontsize=FONT)
-    ax.annotate(f"compute: {compute_gflops:g} GFLOP/s", (math.sqrt(ridge * 1000), compute_gflops),
+    ax.annotate(f"compute: {compute_gflops:.0f} GFLOP/s", (math.sqrt(ridge * 1000), compute_gflops),
                 xytext=(0, 6), textcoords="offset points", ha="center", fontsize=FONT)
 
     style = {"decode": dict(marker="o", color="#3f7fbf"), "prefill": dict(marker="s",

@@ -7,6 +7,7 @@ notebooks/09_4bit.ipynb."""
 import math
 
 import tvm
+from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
 from tvm.script import tirx as T
 
 CACHE_KERNEL = "batch_decode_paged_kv_cpu"  # the cache's decode kernel, by name
@@ -183,11 +184,76 @@ def prefill_attention(num_kv_heads: int, num_heads: int,
     return prefill.with_attr("global_symbol", PREFILL_KERNEL)
 
 
+ROPE_KERNEL = "fused_rope"  # the cache's RoPE kernel
+
+
+def rope(cfg) -> tvm.tirx.PrimFunc:
+    """RoPE for q and k as the cache applies it, with the cache kernel's
+    arguments: split the fused q/k/v rows, rotate q and k. The cache's kernel
+    computes a power, a cosine and a sine for every head and dimension of
+    every token, on one thread; here threads take tokens, and each token's
+    cosines and sines are computed once and serve all of its heads. The
+    angles are TVM's own expressions (Llama 3's scaling included)."""
+    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    heads, half = H + 2 * KV, cfg.head_dim // 2
+    scaling = {} if cfg.rope_scaling is None else cfg.rope_scaling.as_dict()
+    frequency = switch_rope_freq_func(scaling)
+
+    def angle(pos, d, which: int):  # cos (0) or sin (1) of position pos at dimension d
+        cos, sin, lets = frequency(pos, d, D, cfg.rope_theta, "float32")
+        value = (cos, sin)[which]
+        for var, bound in lets.items():  # the inverse frequency, named once
+            value = tvm.tirx.Let(var, bound, value)
+        return value
+
+    @T.prim_func(s_tir=True)
+    def rotate(qkv_handle: T.handle, position_map_handle: T.handle,
+               q_handle: T.handle, k_handle: T.handle, v_handle: T.handle,
+               apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.is_scheduled": True,
+                     "tirx.noalias": True})
+        n, off = T.int32(), T.int32()
+        qkv = T.match_buffer(qkv_handle, (n, heads, D), "float32")
+        q = T.match_buffer(q_handle, (n, H, D), "float32")
+        k = T.match_buffer(k_handle, (n, KV, D), "float32")
+        v = T.match_buffer(v_handle, (n, KV, D), "float32")
+        position_map = T.match_buffer(position_map_handle, (n,), "int32",
+                                      elem_offset=off)
+        for t in T.parallel(n):
+            with T.sblock("rope"):
+                i = T.axis.remap("S", [t])
+                # dimensions d and d + half turn at the same frequency
+                cs = T.sblock_alloc_buffer((2, half), "float32", scope="local")
+                for d in range(half):
+                    cs[0, d] = T.if_then_else(apply_rope > 0, angle(
+                        T.Cast("float32", position_map[i]), d, 0), T.float32(1))
+                    cs[1, d] = T.if_then_else(apply_rope > 0, angle(
+                        T.Cast("float32", position_map[i]), d, 1), T.float32(0))
+                for h in range(H + KV):
+                    for d in T.vectorized(half):  # rotate-half: (x1, x2) -> (-x2, x1)
+                        if h < H:
+                            q[i, h, d] = (cs[0, d] * qkv[i, h, d]
+                                          - cs[1, d] * qkv[i, h, d + half])
+                            q[i, h, d + half] = (cs[0, d] * qkv[i, h, d + half]
+                                                 + cs[1, d] * qkv[i, h, d])
+                        else:
+                            k[i, h - H, d] = (cs[0, d] * qkv[i, h, d]
+                                              - cs[1, d] * qkv[i, h, d + half])
+                            k[i, h - H, d + half] = (cs[0, d] * qkv[i, h, d + half]
+                                                     + cs[1, d] * qkv[i, h, d])
+                for h in range(KV):
+                    for d in T.vectorized(D):
+                        v[i, h, d] = qkv[i, H + KV + h, d]
+
+    return rotate.with_attr("global_symbol", ROPE_KERNEL)
+
+
 def with_attention_kernels(mod: tvm.IRModule, cfg) -> tvm.IRModule:
     """`mod` (an exported model with a TIR paged KV cache) with the cache's
-    decode and prefill attention kernels replaced by ours."""
-    for name, kernel in ((CACHE_KERNEL, decode_attention),
-                         (PREFILL_KERNEL, prefill_attention)):
-        mod[mod.get_global_var(name)] = kernel(cfg.num_kv_heads, cfg.num_heads,
-                                               cfg.head_dim)
+    RoPE, decode attention and prefill attention kernels replaced by ours."""
+    heads = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
+    for name, kernel in ((ROPE_KERNEL, rope(cfg)),
+                         (CACHE_KERNEL, decode_attention(*heads)),
+                         (PREFILL_KERNEL, prefill_attention(*heads))):
+        mod[mod.get_global_var(name)] = kernel
     return mod

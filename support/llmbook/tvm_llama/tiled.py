@@ -70,7 +70,8 @@ def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
                                                      * w[vp * TILES + r, k, i])
                     for t, r in T.grid(TOKENS, TILES):
                         for i in T.vectorized(TILE):
-                            y[vg * TOKENS + t, (vp * TILES + r) * TILE + i] = acc[t, r, i]
+                            y[vg * TOKENS + t,
+                              (vp * TILES + r) * TILE + i] = acc[t, r, i]
             for t in range(m % TOKENS):
                 with T.sblock("token"):
                     vp, vt = T.axis.remap("SS", [p, t])
@@ -85,7 +86,8 @@ def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
                                               * w[vp * TILES + r, k, i])
                     for r in T.unroll(TILES):
                         for i in T.vectorized(TILE):
-                            y[m - m % TOKENS + vt, (vp * TILES + r) * TILE + i] = acc[r, i]
+                            y[m - m % TOKENS + vt,
+                              (vp * TILES + r) * TILE + i] = acc[r, i]
 
     return tiled_matmul.with_attr("global_symbol", f"tiled_matmul_{n}x{cols}")
 
