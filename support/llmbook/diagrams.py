@@ -441,10 +441,11 @@ def roofline(bandwidth_gbs: float, compute_gflops: float, points: list[dict]) ->
     fig.subplots_adjust(left=0.09, right=0.97, bottom=0.12, top=0.9)  # fixed, for the text angle
     ridge = compute_gflops / bandwidth_gbs  # FLOP per byte where the two limits meet
     lowest = min([p["gflops"] for p in points] + [compute_gflops])
-    ax.set(xscale="log", yscale="log", xlim=(0.1, 1000), ylim=(lowest / 10, 2 * compute_gflops),
+    right = max(1000, 20 * max(p["intensity"] for p in points))  # room for the labels
+    ax.set(xscale="log", yscale="log", xlim=(0.1, right), ylim=(lowest / 10, 2 * compute_gflops),
            xlabel="arithmetic intensity (FLOP per byte read)", ylabel="attainable GFLOP/s",
            title="Roofline: memory-bound left of the ridge, compute-bound right of it")
-    xs = [0.1, ridge, 1000]
+    xs = [0.1, ridge, right]
     ax.plot(xs, [min(compute_gflops, bandwidth_gbs * x) for x in xs], color=EDGE, lw=2)
     ax.axvline(ridge, color="#999999", ls=":", lw=1)
     ax.plot([ridge], [compute_gflops], "o", color=EDGE, ms=6)
@@ -464,30 +465,37 @@ def roofline(bandwidth_gbs: float, compute_gflops: float, points: list[dict]) ->
     ax.annotate(f"memory: {bandwidth_gbs:.0f} GB/s", (x_text, bandwidth_gbs * x_text),
                 xytext=(-4, 6), textcoords="offset points", rotation=angle,
                 rotation_mode="anchor", ha="left", fontsize=FONT)
-    ax.annotate(f"compute: {compute_gflops:.0f} GFLOP/s", (math.sqrt(ridge * 1000), compute_gflops),
-                xytext=(0, 6), textcoords="offset points", ha="center", fontsize=FONT)
+    ax.annotate(f"compute: {compute_gflops:.0f} GFLOP/s", (ridge, compute_gflops),
+                xytext=(-8, 6), textcoords="offset points", ha="right", fontsize=FONT)
 
     style = {"decode": dict(marker="o", color="#3f7fbf"), "prefill": dict(marker="s",
                                                                         color="#d0803a")}
-    # Labels go up and to the right of their point; when two points are close (in decades), the
-    # left one's label moves to its left and the right one's below it, so the two stay apart.
-    pts = sorted(points, key=lambda p: p["intensity"])
-    logs = [(math.log10(p["intensity"]), math.log10(p["gflops"])) for p in pts]
+    # Each label takes the first of a few places around its point (right, left, above, below,
+    # further out) where its box, estimated from its length, overlaps no label placed before it
+    # and no point: measured engines bunch up, and overlapping names cannot be read.
+    px = fig.dpi / 72  # pixels per typographic point
+    char_w, line_h = 0.55 * SMALL * px, 1.25 * SMALL * px
+    xy = {id(p): ax.transData.transform((p["intensity"], p["gflops"])) for p in points}
+    taken = [(x - 5, y - 5, x + 5, y + 5) for x, y in xy.values()]  # the markers
+    offsets = [(9, 4), (9, -12), (-9, 4), (-9, -12), (9, 16), (9, -24), (-9, 16), (-9, -24),
+               (9, 28), (9, -36), (-9, 28), (-9, -36)]
 
-    def close(i, j):
-        return 0 <= j < len(pts) and abs(logs[i][0] - logs[j][0]) < 0.45 \
-            and abs(logs[i][1] - logs[j][1]) < 0.25
+    def box(p, dx, dy):
+        x, y = xy[id(p)]
+        w = char_w * len(p["label"])
+        left = x + dx * px if dx > 0 else x + dx * px - w
+        return left, y + dy * px, left + w, y + dy * px + line_h
 
-    for i, p in enumerate(pts):
+    def free(b):
+        return not any(b[0] < t[2] and t[0] < b[2] and b[1] < t[3] and t[1] < b[3] for t in taken)
+
+    for p in sorted(points, key=lambda p: (p["intensity"], -p["gflops"])):
         ax.plot(p["intensity"], p["gflops"], ls="none", ms=8, **style[p["kind"]])
-        if close(i, i + 1):
-            offset, ha = (-9, 6), "right"
-        elif close(i, i - 1):
-            offset, ha = (9, -15), "left"
-        else:
-            offset, ha = (9, 6), "left"
-        ax.annotate(p["label"], (p["intensity"], p["gflops"]), xytext=offset,
-                    textcoords="offset points", ha=ha, fontsize=SMALL)
+        dx, dy = next(((dx, dy) for dx, dy in offsets if free(box(p, dx, dy))), offsets[0])
+        taken.append(box(p, dx, dy))
+        ax.annotate(p["label"], (p["intensity"], p["gflops"]), xytext=(dx, dy),
+                    textcoords="offset points", ha="left" if dx > 0 else "right",
+                    va="bottom", fontsize=SMALL)
     handles = [Line2D([], [], ls="none", ms=8, label=kind, **s) for kind, s in style.items()]
     ax.legend(handles=handles, loc="lower right", fontsize=SMALL)
     ax.grid(True, which="major", color="#e4e4e4", lw=0.8)
