@@ -120,7 +120,7 @@ def test_token_outside_vocabulary(toy_dir, capsys):
 
 
 def test_module_entry_point_on_smollm2():
-    out = subprocess.run([sys.executable, "-m", "llmbook", "compare", "--backend", "mlx", "--prompt",
+    out = subprocess.run([sys.executable, "-m", "llmbook", "compare", "--backend", "tvm", "--prompt",
                           "What is the capital of France?", "--steps", "8"],
                          capture_output=True, text=True, check=True).stdout
     result = last_json(out)

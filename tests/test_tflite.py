@@ -114,7 +114,7 @@ def test_int8_rewritten_from_the_cached_fp32_file(toy, toy_tfl, tfl_root):
 def test_recipes(toy, tfl_root):
     from llmbook.litert_llama import convert
 
-    assert build.RECIPES == convert.RECIPES
+    assert build.RECIPES == (*convert.RECIPES, convert.INT4)
     with pytest.raises(ValueError, match="unknown recipe 'int4'"):
         build.load_or_convert(toy, "int4", 16, 48, root=tfl_root)
 

@@ -26,7 +26,8 @@ from ..checkpoint import cache_dir
 
 VERSION = "2"  # bump when what is converted changes in a way the key cannot see
 HERE = Path(__file__).resolve().parent
-RECIPES = ("fp32", "int8-dynamic", "int8-weight-only", "int8-hadamard", "int4-blockwise")  # convert.RECIPES, without importing litert-torch
+RECIPES = ("fp32", "int8-dynamic", "int8-weight-only", "int8-hadamard", "int4-blockwise")  # convert.RECIPES and
+# convert.INT4, without importing litert-torch
 
 
 def weights_digest(state_dict) -> str:

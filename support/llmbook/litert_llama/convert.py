@@ -14,7 +14,8 @@ from litert_torch.generative.utilities.converter import ExportableModule
 from litert_torch.generative.utilities.export_config import ExportConfig
 from litert_torch.quantize import translate_recipe
 
-RECIPES = ("fp32", "int8-dynamic", "int8-weight-only", "int8-hadamard", "int4-blockwise")
+RECIPES = ("fp32", "int8-dynamic", "int8-weight-only", "int8-hadamard")  # this chapter's
+INT4 = "int4-blockwise"  # LiteRT's 4-bit recipe, measured in chapter 9
 
 
 def quant_recipe(recipe: str, mcfg):
@@ -23,14 +24,14 @@ def quant_recipe(recipe: str, mcfg):
         generative = quant_recipes.full_dynamic_recipe(mcfg=mcfg).generative_recipe
     elif recipe == "int8-weight-only":  # int8 weights per channel; the arithmetic stays fp32
         generative = quant_recipes.full_weight_only_recipe(mcfg=mcfg).generative_recipe
-    elif recipe == "int4-blockwise":  # int4 weights, a scale per 32; int8 activations per call
+    elif recipe == INT4:  # int4 weights, a scale per 32; int8 activations per call
         generative = quant_recipes.full_dynamic_recipe(
             mcfg=mcfg, weight_dtype=quant_attrs.Dtype.INT4,
             granularity=quant_attrs.Granularity.BLOCKWISE_32).generative_recipe
     elif recipe == "int8-hadamard":  # int8 dynamic after a Hadamard rotation; litert-torch has no name for it
         return aeq_recipes.dynamic_wi8_afp32(algorithm_key=AlgorithmName.DECOMPOSED_HADAMARD_ROTATION)
     else:
-        raise ValueError(f"unknown quantization recipe {recipe!r}; known: {', '.join(RECIPES[1:])}")
+        raise ValueError(f"unknown quantization recipe {recipe!r}; known: {', '.join((*RECIPES[1:], INT4))}")
     return translate_recipe.translate_to_ai_edge_recipe(generative)
 
 

@@ -14,8 +14,8 @@ from tvm.script import tirx as T
 
 from llmbook.quant import GROUP, Q4Matrix
 from llmbook.tvm_llama.attention import with_attention_kernels  # section 5
-from llmbook.tvm_llama.model import LlamaForCausalLM
-from llmbook.tvm_llama.tiled import TILE, tiled_product, tiles  # chapter 6
+from llmbook.tvm_llama.tiled import (TILE, TiledLlamaForCausalLM,  # chapter 6
+                                     tiled_product, tiles)
 
 def tile_rows(m) -> dict[str, np.ndarray]:
     """A Q4Matrix or Q8Matrix in tiles of 16 rows, one row per vector lane:
@@ -262,31 +262,11 @@ class Q8Table(nn.Module):
         return unpad(y, self.rows)
 
 
-class Q4LlamaForCausalLM(LlamaForCausalLM):
-    """Chapter 6's model with every matrix in 4 bits, the embedding and the
-    head in 8, and the attention kernels of section 5."""
+class Q4LlamaForCausalLM(TiledLlamaForCausalLM):
+    """Chapter 6's tiled model with every matrix in 4 bits, the embedding and
+    the head in 8, and the attention kernels of section 5."""
 
-    def __init__(self, cfg, target):
-        super().__init__(cfg, target)
-        h, ffn = cfg.hidden_size, cfg.intermediate_size
-        d, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        for layer in self.model.layers:
-            layer.self_attn.qkv_proj = Q4Linear(h, d + 2 * kv)
-            layer.self_attn.o_proj = Q4Linear(d, h)
-            layer.mlp.gate_up_proj = Q4Linear(h, 2 * ffn)
-            layer.mlp.down_proj = Q4Linear(ffn, h)
-        self.model.embed_tokens = Q8Table(cfg.vocab_size, h)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Q8Table(cfg.vocab_size, h)
-
-    def logits(self, x: Tensor) -> Tensor:
-        tied = self.cfg.tie_word_embeddings
-        return (self.model.embed_tokens if tied else self.lm_head)(x)
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        rows = self.model.embed_tokens.lookup(op.reshape(input_ids, [-1]))
-        shape = [1, input_ids.shape[1], self.cfg.hidden_size]
-        return op.reshape(rows, shape)
+    linear, table = Q4Linear, Q8Table
 
     def export_tvm(self, spec, **kwargs):
         mod, *rest = super().export_tvm(spec, **kwargs)

@@ -139,18 +139,21 @@ class TiledLlamaForCausalLM(LlamaForCausalLM):
     """Chapter 6's model with every matrix tiled and multiplied by tiled_matmul
     (CPU only: the kernel is written for 16-lane vectors and threads)."""
 
+    # what each matrix and the embedding table become (chapter 9 swaps in 4-bit ones)
+    linear, table = TiledLinear, TiledEmbedding
+
     def __init__(self, cfg, target):
         super().__init__(cfg, target)
         h, ffn = cfg.hidden_size, cfg.intermediate_size
         d, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         for layer in self.model.layers:
-            layer.self_attn.qkv_proj = TiledLinear(h, d + 2 * kv)
-            layer.self_attn.o_proj = TiledLinear(d, h)
-            layer.mlp.gate_up_proj = TiledLinear(h, 2 * ffn)
-            layer.mlp.down_proj = TiledLinear(ffn, h)
-        self.model.embed_tokens = TiledEmbedding(cfg.vocab_size, h)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = TiledLinear(h, cfg.vocab_size)
+            layer.self_attn.qkv_proj = self.linear(h, d + 2 * kv)
+            layer.self_attn.o_proj = self.linear(d, h)
+            layer.mlp.gate_up_proj = self.linear(h, 2 * ffn)
+            layer.mlp.down_proj = self.linear(ffn, h)
+        self.model.embed_tokens = self.table(cfg.vocab_size, h)
+        if not cfg.tie_word_embeddings:  # an untied head: a second table, used as the tied one
+            self.lm_head = self.table(cfg.vocab_size, h)
 
     def logits(self, x: Tensor) -> Tensor:
         tied = self.cfg.tie_word_embeddings
