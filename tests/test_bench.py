@@ -36,6 +36,7 @@ def test_prefill_curve_budget_and_context():
     assert [p["tokens"] for p in out] == [16, 32, 64]
     assert out[0]["n"] == 2 and out[0]["min_s"] <= out[0]["median_s"] <= out[0]["max_s"]
     assert out[1]["n"] == 1  # the warm-up at 32 tokens (0.1 s) was over budget: one run kept
+    assert out[1]["over_budget"] and "over_budget" not in out[0]
     assert "longer than the context of 40" in out[2]["skipped"]
     assert engine.calls == [16, 16, 16, 32]
 

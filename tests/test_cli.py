@@ -74,12 +74,15 @@ def truncate(file):
     ("config.json", lambda f: f.write_text("{}")),
 ], ids=["truncated", "random-bytes", "empty", "invalid-json", "not-utf8", "json-list",
         "no-model-type"])
-def test_corrupt_checkpoint_file(toy_dir, tmp_path, name, corrupt):
+def test_corrupt_checkpoint_file(toy_dir, tmp_path, capfd, name, corrupt):
     dest = tmp_path / "ckpt"
     shutil.copytree(toy_dir, dest)
     corrupt(dest / name)
-    proc = run_cli("compare", "--backend", "hf", "--model", str(dest), "--token-ids", "1,2")
-    assert_one_line_error(proc, str(dest / name))
+    # in this process (a new interpreter per case costs seconds of imports): main's return code
+    # and everything written to file descriptors 1 and 2, as the command line would show them
+    code = main(["compare", "--backend", "hf", "--model", str(dest), "--token-ids", "1,2"])
+    out, err = capfd.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess([], code, out, err), str(dest / name))
 
 
 @pytest.mark.parametrize("args, flag", [

@@ -67,8 +67,8 @@ def test_tvm_matches_reference_gqa(toy, toy_tvm):
     assert toy_tvm.build_info["built"]
 
 
-def test_tvm_matches_reference_tied_mha(toy_mha, lib_root):
-    backend = get_backend("tvm", toy_mha, root=lib_root)
+def test_tvm_matches_reference_tied_mha(toy_mha):
+    backend = get_backend("tvm", toy_mha)  # the machine's cache: this test is not about building
     ref = HFBackend(toy_mha)
     ids = [3, 8, 200, 11, 45]
     assert float(np.max(np.abs(backend.prefill(ids) - ref.prefill(ids)))) < TOL
@@ -128,3 +128,56 @@ def test_roofline_bytes():
     assert roofline.decode_roofline(smollm2, 50.0) == pytest.approx(50e9 / weights)
     with pytest.raises(ValueError, match="512"):
         roofline.read_bandwidth_gbs(megabytes=64)
+
+
+def notebook_module(monkeypatch, name="notebook_cell"):
+    """A module without a file, as a Jupyter kernel's __main__ is."""
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def define_in_cell(module, src: str, cell: str, scope: dict | None = None):
+    """Run `src` as a notebook cell would: its code kept in linecache, as IPython keeps it."""
+    import linecache
+
+    linecache.cache[cell] = (len(src), None, src.splitlines(True), cell)
+    module.__dict__.update(scope or {})
+    module.__dict__["__name__"] = module.__name__
+    exec(compile(src, cell, "exec"), module.__dict__)
+
+
+def test_library_key_holds_a_notebook_class_source(toy, monkeypatch):
+    """A model class written in a notebook has no file: the key holds its methods' source."""
+    from llmbook.tvm_llama.build import library_path
+    from llmbook.tvm_llama.pipeline import cpu_target
+
+    keys = []
+    for i, body in enumerate(("return x", "return x", "return -x")):
+        module = notebook_module(monkeypatch, f"notebook_{i}")
+        define_in_cell(module, "from llmbook.tvm_llama.model import LlamaForCausalLM\n"
+                               "class Variant(LlamaForCausalLM):\n"
+                               f"    def logits(self, x):\n        {body}\n", f"<cell-{i}>")
+        keys.append(library_path("m", toy.config, cpu_target(), model_cls=module.Variant))
+    assert keys[0] == keys[1] != keys[2]
+
+
+def test_an_exported_class_shares_the_package_library(toy, monkeypatch):
+    """A chapter's export cell defines the same class as the package module it is exported to:
+    both get one key, so the chapter and the backends share one compiled library."""
+    import inspect
+
+    from llmbook.tvm_llama import tiled
+    from llmbook.tvm_llama.build import library_path
+    from llmbook.tvm_llama.pipeline import cpu_target
+
+    module = notebook_module(monkeypatch)
+    define_in_cell(module, inspect.getsource(tiled.TiledLlamaForCausalLM), "<export-cell>",
+                   scope=dict(vars(tiled)))
+    twin = module.TiledLlamaForCausalLM
+    assert twin is not tiled.TiledLlamaForCausalLM
+    assert (library_path("m", toy.config, cpu_target(), model_cls=twin)
+            == library_path("m", toy.config, cpu_target(), model_cls=tiled.TiledLlamaForCausalLM))

@@ -51,8 +51,9 @@ def open_engines(bundle, names: list[str], log=print) -> tuple[dict, dict]:
 def prefill_curve(engine, ids: list[int], lengths: list[int], repeats: int = 3, budget_s: float = 5.0) -> list[dict]:
     """Seconds to prefill the first n tokens of `ids`, for each n in `lengths`: one warm-up run
     (first-call allocation, compilation), then `repeats` timed runs, median and spread. An engine
-    whose warm-up alone takes longer than `budget_s` keeps that one run, marked n=1, and skips the
-    longer prompts with the reason: MLX on Linux (reference BLAS) would otherwise take minutes."""
+    whose warm-up alone takes longer than `budget_s` keeps that one run, marked n=1 and
+    over_budget, and skips the longer prompts with the reason: MLX on Linux (reference BLAS)
+    would otherwise take minutes."""
     out, slow = [], None
     for n in lengths:
         if n > engine.max_context:
@@ -71,7 +72,7 @@ def prefill_curve(engine, ids: list[int], lengths: list[int], repeats: int = 3, 
             samples = timing.timeit(lambda: engine.prefill(prompt), repeats=repeats, warmup=0)
         med = statistics.median(samples)
         out.append({"tokens": n, "median_s": med, "min_s": min(samples), "max_s": max(samples),
-                    "tokens_per_s": n / med, "n": len(samples)})
+                    "tokens_per_s": n / med, "n": len(samples)} | ({"over_budget": True} if slow else {}))
     return out
 
 
@@ -134,7 +135,10 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
         pre = prefill_curve(engine, ids, list(prompt_lengths), repeats, budget_s)
         bar.update()
         bar.set_postfix_str(f"{name} decode")
-        dec = decode_curve(engine, ids[:decode_prompt], decode_tokens, repeats)
+        # every decode run prefills the prompt again: an engine over the prefill budget decodes
+        # one timed run (after its warm-up), not `repeats`
+        slow = any(p.get("over_budget") for p in pre)
+        dec = decode_curve(engine, ids[:decode_prompt], decode_tokens, 1 if slow else repeats)
         bar.update()
         w = weight_bytes(engine, cfg)
         context = decode_prompt + decode_tokens // 2

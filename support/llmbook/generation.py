@@ -54,9 +54,27 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def compare(backend, reference, ids: list[int], steps: int = 20) -> dict:
-    """Prefill logits max |difference| and leading greedy tokens equal, backend vs reference."""
+def greedy_run(backend, ids: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """The prompt's logits and `steps` greedy tokens after them, from one prefill."""
     check_context(backend, len(ids), steps)
-    diff = float(np.max(np.abs(backend.prefill(ids) - reference.prefill(ids))))
-    match = matching_prefix(greedy(backend, ids, steps), greedy(reference, ids, steps))
-    return {"backend": backend.name, "max_abs_diff": diff, "greedy_match": match, "steps": steps}
+    logits = backend.prefill(ids)
+    first, tokens = logits, []
+    for i in range(steps):
+        tokens.append(int(np.argmax(logits)))
+        if i < steps - 1:
+            logits = backend.decode(tokens[-1])
+    return first, tokens
+
+
+def compare(backend, reference, ids: list[int], steps: int = 20) -> dict:
+    """Prefill logits max |difference| and leading greedy tokens equal, backend vs reference.
+    `reference` is a backend, or its greedy_run(reference, ids, steps) when several engines are
+    compared with one reference (its run is then computed once)."""
+    check_context(backend, len(ids), steps)
+    logits, tokens = greedy_run(backend, ids, steps)
+    ref_logits, ref_tokens = reference if isinstance(reference, tuple) else greedy_run(reference, ids, steps)
+    if len(ref_tokens) != steps:
+        raise ValueError(f"the reference run has {len(ref_tokens)} tokens, not {steps}")
+    diff = float(np.max(np.abs(logits - ref_logits)))
+    return {"backend": backend.name, "max_abs_diff": diff,
+            "greedy_match": matching_prefix(tokens, ref_tokens), "steps": steps}

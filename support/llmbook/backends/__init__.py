@@ -5,6 +5,8 @@ quantized, reset(), prefill(ids), decode(token), each checking its input with
 `llmbook.engine.check_tokens`. Optional members:
     device             where it computes: "cpu" (the default), or "gpu" (MLX on Metal); the
                        measured CPU bandwidth bounds only the engines on the CPU
+    text_logits(ids)   logits of every position of a new sequence from one forward pass (the
+                       reference has it, so llmbook.quality need not decode it token by token)
     batch_runner(max_batch, max_tokens)
                        many sequences in one cache, decoded together (chapter 10; `batch` in the
                        command line runs the backends that have it)

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from . import StepBackend
+from . import StepBackend, check_tokens
 
 
 class HFBackend(StepBackend):
@@ -20,5 +20,18 @@ class HFBackend(StepBackend):
 
     @torch.inference_mode()
     def _forward(self, ids: list[int]) -> np.ndarray:
-        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache, use_cache=True)
+        # the head for the last position only (logits_to_keep=1): what generation needs, and what
+        # every other engine's prefill computes (at 256 tokens the other 255 rows cost ~75 ms)
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
         return out.logits[0, -1].float().numpy()
+
+    @torch.inference_mode()
+    def text_logits(self, ids) -> np.ndarray:
+        """Logits [len(ids), vocab] of every position from one forward pass over `ids` (a new
+        sequence): the teacher-forced reference (llmbook.quality) without a decode step per token."""
+        ids = check_tokens(ids, self.vocab_size, 0, self.max_context, self.name)
+        self.reset()
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache, use_cache=True)
+        self.length = len(ids)
+        return out.logits[0].float().numpy()

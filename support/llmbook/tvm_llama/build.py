@@ -4,16 +4,21 @@ A library lives in `cache_dir()/tvm/<model>-<kind>-<key>.so` with a `.json` besi
 names, build time, what the key was made of). The key hashes the model config, the target, the
 schedule flag, the TVM version, VERSION, the model class (chapter 6's, or chapter 10's with a
 batched decode) and the source of pipeline.py and of every module that class is written in, so
-editing a chapter's model or pipeline rebuilds instead of loading a stale library.
+editing a chapter's model or pipeline rebuilds instead of loading a stale library. A class a
+notebook defines has no module file: an export cell's class counts as the package class it is
+exported to (the chapter and the backends share its library), any other by its methods' source.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import json
 import os
+import pkgutil
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,10 +32,40 @@ from . import pipeline as pipeline_py
 VERSION = "1"  # bump when what is compiled changes in a way the key cannot see
 
 
+def _package_twin(c: type) -> type | None:
+    """The llmbook class a notebook's class was exported to (same name, same source), if any:
+    a chapter's export cell and the package then share one library."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):  # every module it could be in
+        importlib.import_module(f"{__package__}.{info.name}")
+    for name, module in list(sys.modules.items()):
+        twin = getattr(module, c.__qualname__, None) if name.startswith("llmbook.") else None
+        if isinstance(twin, type) and twin.__module__ == name:
+            try:
+                if inspect.getsource(twin) == inspect.getsource(c):
+                    return twin
+            except (OSError, TypeError, KeyError):  # KeyError: TVM's getfile, a module it cannot see
+                return None
+    return None
+
+
 def _sources(model_cls: type) -> bytes:
-    """pipeline.py and the files the model class and its bases are written in."""
-    files = {inspect.getfile(c) for c in model_cls.__mro__ if c.__module__.startswith("llmbook.")}
-    return b"".join(Path(f).read_bytes() for f in [pipeline_py.__file__, *sorted(files)])
+    """pipeline.py and the files the model class and its bases are written in; for a class written
+    in a notebook (its module has no file) that is not an exported twin of a package class, the
+    source of its methods, which IPython keeps for each cell. (Not inspect.getfile: TVM replaces
+    it with one that names a cell's file, which ipykernel never writes.)"""
+    files, methods = set(), b""
+    for c in model_cls.__mro__:
+        if c.__module__.split(".")[0] in ("builtins", "tvm"):  # TVM's version is in the key
+            continue
+        path = getattr(sys.modules.get(c.__module__), "__file__", None)
+        if not (path and Path(path).is_file()) and (twin := _package_twin(c)) is not None:
+            path = sys.modules[twin.__module__].__file__
+        if path and Path(path).is_file():
+            files.add(path)
+        else:
+            methods += b"".join(inspect.getsource(f).encode() for _, f in sorted(vars(c).items())
+                                if inspect.isfunction(f))
+    return b"".join(Path(f).read_bytes() for f in [pipeline_py.__file__, *sorted(files)]) + methods
 
 
 def cache_key(name: str, cfg: LlamaConfig, target: tvm.target.Target, schedule: bool = True,
