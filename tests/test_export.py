@@ -32,3 +32,28 @@ def test_an_edited_notebook_is_detected(tmp_path, monkeypatch):
     assert export.main([]) == 0  # regenerates
     assert "self.scale = 2 * " in (root / "support/llmbook/mlx_llama/attention.py").read_text()
     assert export.main(["--check"]) == 0
+
+
+def test_chapter_code_fits_the_page():
+    """The rendered page shows 88 columns of code: every code line of every chapter fits,
+    URLs aside (the first cell's install line)."""
+    wide = []
+    for path in sorted((export.ROOT / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code":
+                wide += [f"{path.name}: {line}" for line in "".join(cell["source"]).splitlines()
+                         if len(line) > 88 and "://" not in line]
+    assert not wide, "\n".join(wide[:10])
+
+
+def test_chapter_outputs_fit_the_page():
+    """Printed lines (tables, checks) as stored fit the same 88 columns, so no table is cut
+    at the page's edge."""
+    wide = []
+    for path in sorted((export.ROOT / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            for out in cell.get("outputs", []):
+                text = "".join(out.get("text", "")) or "".join(
+                    out.get("data", {}).get("text/plain", ""))
+                wide += [f"{path.name}: {line}" for line in text.splitlines() if len(line) > 88]
+    assert not wide, "\n".join(wide[:10])

@@ -5,9 +5,16 @@ import numpy as np
 
 
 class Sampler:
-    """logits -> token id: greedy (temperature 0) or seeded sampling with temperature, top-k, top-p."""
+    """logits -> token id: greedy (temperature 0) or seeded sampling with temperature,
+    top-k, top-p."""
 
-    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
+    def __init__(
+        self,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k < 0:
@@ -18,7 +25,8 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
 
     def probabilities(self, logits) -> np.ndarray:
-        """The distribution the next token is drawn from (after temperature, top-k and top-p)."""
+        """The distribution the next token is drawn from (after temperature, top-k and
+        top-p)."""
         z = np.asarray(logits, dtype=np.float64) / self.temperature
         if self.top_k and self.top_k < z.size:
             kth = np.partition(z, -self.top_k)[-self.top_k]
@@ -36,4 +44,9 @@ class Sampler:
         if self.temperature == 0:
             return int(np.argmax(logits))
         cdf = np.cumsum(self.probabilities(logits))
-        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), cdf.size - 1))
+        return int(
+            min(
+                np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"),
+                cdf.size - 1,
+            )
+        )

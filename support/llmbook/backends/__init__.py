@@ -13,6 +13,7 @@ quantized, reset(), prefill(ids), decode(token), each checking its input with
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 from ..checkpoint import Bundle
@@ -80,6 +81,23 @@ class RunnerBackend:
 
     def decode(self, token):
         return self.runner.decode(token)
+
+
+class RoundedWeights:
+    """A 4-bit backend that runs a GGUF's own blocks, or rounds a Hugging Face checkpoint's fp32
+    weights itself (then `_rounded` holds those blocks). `compare` and the tests judge it against
+    the weights it computes with."""
+
+    _rounded = None
+
+    @functools.cached_property
+    def own_weights(self) -> dict | None:
+        """The fp32 weights it computes with, under Hugging Face names, when it rounded them
+        itself (None for a GGUF's blocks, which are the reference's weights): dequantized on
+        first use, by `compare` and the tests, not at every start."""
+        from ..quant import dequantize_all
+
+        return None if self._rounded is None else dequantize_all(self._rounded)
 
 
 def names() -> list[str]:

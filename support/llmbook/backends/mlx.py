@@ -1,6 +1,5 @@
 """The book's own MLX Llama (chapters 1-3) behind the backend interface, in fp32 and (mlx-q4) on
 chapter 9's 4-bit blocks."""
-import functools
 
 import mlx.core as mx
 import numpy as np
@@ -8,7 +7,7 @@ import numpy as np
 from ..device import mlx_device
 from ..mlx_llama.convert import hf_to_mlx, load_weights
 from ..mlx_llama.model import Llama
-from . import StepBackend
+from . import RoundedWeights, StepBackend
 
 
 class MLXBackend(StepBackend):
@@ -29,7 +28,7 @@ class MLXBackend(StepBackend):
         return np.array(logits[0, -1])
 
 
-class MLXQ4Backend(MLXBackend):
+class MLXQ4Backend(RoundedWeights, MLXBackend):
     """The same MLX Llama with chapter 9's blocks in MLX's quantized layers: the GGUF's own Q4_1
     and Q8_0 blocks, or a Hugging Face checkpoint's fp32 weights rounded to nearest into them
     (`source` says which)."""
@@ -51,10 +50,3 @@ class MLXQ4Backend(MLXBackend):
         self.vocab_size = bundle.config.vocab_size
         self.max_context = bundle.config.max_position_embeddings
         self.reset()
-
-    @functools.cached_property
-    def own_weights(self) -> dict | None:
-        """The fp32 weights it computes with when it rounded them itself (see TVMQ4Backend)."""
-        from ..quant import dequantize_all
-
-        return None if self._rounded is None else dequantize_all(self._rounded)

@@ -5,9 +5,7 @@ model on a target pays the build (seconds on a CPU).
 """
 from __future__ import annotations
 
-import functools
-
-from . import BackendUnavailable, RunnerBackend
+from . import BackendUnavailable, RoundedWeights, RunnerBackend
 from ..device import gpu_name
 
 
@@ -69,7 +67,7 @@ class TVMBackend(RunnerBackend):
                            max_batch, max_tokens, self.max_context, name=self.name)
 
 
-class TVMQ4Backend(RunnerBackend):
+class TVMQ4Backend(RoundedWeights, RunnerBackend):
     """Chapter 9's 4-bit model: a GGUF's own Q4_1 and Q8_0 blocks (SmolLM2, or any `--model
     file.gguf`), or a Hugging Face checkpoint's fp32 weights rounded to nearest into the same
     blocks (`source` says which). Its decode kernels are written for CPUs."""
@@ -109,12 +107,3 @@ class TVMQ4Backend(RunnerBackend):
         self.max_context = min(max_context, cfg.max_position_embeddings)
         self.runner = TVMRunner(self.module, [tvm.runtime.tensor(params[n], dev) for n in names], dev,
                                 cfg.vocab_size, self.max_context, name=self.name)
-
-    @functools.cached_property
-    def own_weights(self) -> dict | None:
-        """The fp32 weights it computes with, under Hugging Face names, when it rounded them
-        itself (None for a GGUF's blocks, which are the reference's weights): dequantized on
-        first use, by `compare` and the tests, not at every start."""
-        from ..quant import dequantize_all
-
-        return None if self._rounded is None else dequantize_all(self._rounded)

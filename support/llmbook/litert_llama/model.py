@@ -1,7 +1,9 @@
 # Generated from notebooks/07_tflite.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
-"""A Llama-family decoder (SmolLM2 or any LlamaConfig) re-authored from litert-torch's building blocks."""
+"""A Llama-family decoder (SmolLM2 or any LlamaConfig) re-authored from litert-torch's
+building blocks."""
+
 import functools
 
 import litert_torch.generative.layers.model_config as lcfg
@@ -14,21 +16,30 @@ from llmbook.rope import inv_freq
 
 
 def scaled_rope(input_pos, n_elem: int, base: int, inv_freq: torch.Tensor):
-    """cos and sin like litert-torch's build_rope, from given frequencies (Llama 3's scaled
-    ones) instead of a base: ModelConfig.build_rope takes any such function."""
+    """cos and sin like litert-torch's build_rope, from given frequencies (Llama 3's
+    scaled ones) instead of a base: ModelConfig.build_rope takes any such function."""
     radians = input_pos.float()[None, :, None] * inv_freq[None, None, :]
     return torch.cos(radians), torch.sin(radians)
 
 
 def model_config(cfg: LlamaConfig, max_seq_len: int) -> lcfg.ModelConfig:
-    """The litert-torch ModelConfig of a Llama decoder (what the library's SmolLM2 example writes by hand)."""
+    """The litert-torch ModelConfig of a Llama decoder (what the library's SmolLM2
+    example writes by hand)."""
     if cfg.num_heads % cfg.num_kv_heads:
-        raise ValueError(f"{cfg.num_heads} query heads cannot share {cfg.num_kv_heads} KV heads evenly")
+        raise ValueError(
+            f"{cfg.num_heads} query heads cannot share {cfg.num_kv_heads} KV heads "
+            "evenly"
+        )
     if cfg.rope_theta != int(cfg.rope_theta):
-        raise ValueError(f"litert-torch takes an integer RoPE base, got {cfg.rope_theta}")
-    norm = lcfg.NormalizationConfig(type=lcfg.NormalizationType.RMS_NORM, epsilon=cfg.rms_norm_eps)
+        raise ValueError(
+            f"litert-torch takes an integer RoPE base, got {cfg.rope_theta}"
+        )
+    norm = lcfg.NormalizationConfig(
+        type=lcfg.NormalizationType.RMS_NORM, epsilon=cfg.rms_norm_eps
+    )
     rope = {}  # plain RoPE: litert-torch's own build_rope, from rotary_base
-    if cfg.rope_scaling is not None:  # Llama 3: the scaled frequencies, traced as constants
+    # Llama 3: the scaled frequencies, traced as constants
+    if cfg.rope_scaling is not None:
         scaled = torch.tensor(inv_freq(cfg), dtype=torch.float32)
         rope = {"build_rope": functools.partial(scaled_rope, inv_freq=scaled)}
     block = lcfg.TransformerBlockConfig(
@@ -60,17 +71,22 @@ def model_config(cfg: LlamaConfig, max_seq_len: int) -> lcfg.ModelConfig:
 
 
 def tensor_names(cfg: LlamaConfig) -> ModelLoader.TensorNames:
-    """Where each weight of the re-authored model lives in a Hugging Face Llama checkpoint."""
+    """Where each weight of the re-authored model lives in a Hugging Face Llama
+    checkpoint."""
     if cfg.tie_word_embeddings:
         return model_builder.TENSOR_NAMES
     return model_builder.TENSOR_NAMES_WITH_SEPARATE_LM_HEAD  # adds lm_head = "lm_head"
 
 
-def build_model(cfg: LlamaConfig, state_dict: dict, kv_len: int) -> model_builder.DecoderOnlyModel:
-    """The re-authored model with the checkpoint's weights mapped in, from an in-memory state dict.
+def build_model(
+    cfg: LlamaConfig, state_dict: dict, kv_len: int
+) -> model_builder.DecoderOnlyModel:
+    """The re-authored model with the checkpoint's weights mapped in, from an in-memory
+    state dict.
 
-    The loader pops every weight it maps; left-over or missing weights raise (strict for untied heads,
-    and for tied ones too: a missing tensor fails in load_state_dict's size check or in `pop`)."""
+    The loader pops every weight it maps; left-over or missing weights raise (strict for
+    untied heads, and for tied ones too: a missing tensor fails in load_state_dict's
+    size check or in `pop`)."""
     return model_builder.build_decoder_only_model(
         checkpoint_path="in-memory",  # not read: custom_loader hands over the weights
         config=model_config(cfg, kv_len),

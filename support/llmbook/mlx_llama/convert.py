@@ -30,17 +30,24 @@ def mlx_name(hf_name: str) -> str:
         name, n = re.subn(pattern, replacement, hf_name)
         if n:
             return name
-    raise CheckpointError(f"unexpected key {hf_name!r}: no MLX parameter corresponds to it")
+    raise CheckpointError(
+        f"unexpected key {hf_name!r}: no MLX parameter corresponds to it"
+    )
 
 
 def hf_to_mlx(state_dict) -> dict:
-    """Hugging Face state dict (torch tensors) -> {MLX name: mx.array}; RoPE buffers are dropped."""
-    return {mlx_name(k): mx.array(v.float().numpy()) for k, v in state_dict.items()
-            if not k.endswith("rotary_emb.inv_freq")}
+    """Hugging Face state dict (torch tensors) -> {MLX name: mx.array}; RoPE buffers are
+    dropped."""
+    return {
+        mlx_name(k): mx.array(v.float().numpy())
+        for k, v in state_dict.items()
+        if not k.endswith("rotary_emb.inv_freq")
+    }
 
 
 def load_weights(model, weights: dict):
-    """Put `weights` into `model`, refusing missing, unexpected or wrongly shaped tensors."""
+    """Put `weights` into `model`, refusing missing, unexpected or wrongly shaped
+    tensors."""
     want = {k: v.shape for k, v in tree_flatten(model.parameters())}
     require_shapes({k: v.shape for k, v in weights.items()}, want)
     model.update(tree_unflatten(list(weights.items())))
@@ -65,14 +72,19 @@ GGUF_TO_MLX = [
 
 
 def unpermute_rope_rows(w, n_heads):
-    """Undo llama.cpp's q/k row order (pairs 2i, 2i+1) back to rotate-half order (i, i + d/2)."""
+    """Undo llama.cpp's q/k row order (pairs 2i, 2i+1) back to rotate-half order (i, i +
+    d/2)."""
     rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    return (
+        w.reshape(n_heads, rows // n_heads // 2, 2, cols)
+        .swapaxes(1, 2)
+        .reshape(rows, cols)
+    )
 
 
 def gguf_to_mlx(path) -> dict:
-    """Dequantize a llama GGUF file to {MLX name: fp32 mx.array}, q/k rows still in the file's
-    interleaved-RoPE order (see to_rotate_half)."""
+    """Dequantize a llama GGUF file to {MLX name: fp32 mx.array}, q/k rows still in the
+    file's interleaved-RoPE order (see to_rotate_half)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 

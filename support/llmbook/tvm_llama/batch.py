@@ -1,9 +1,10 @@
 # Generated from notebooks/10_batching.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
-"""Many sequences through one compiled model: chapter 6's tiled model with
-chapter 9's attention kernels and a batched decode, and a runner that adds,
-forks, steps and removes sequences in TVM's paged KV cache. Written in notebooks/10_batching.ipynb."""
+"""Many sequences through one compiled model: chapter 6's tiled model with chapter 9's
+attention kernels and a batched decode, and a runner that adds, forks, steps and removes
+sequences in TVM's paged KV cache. Written in notebooks/10_batching.ipynb."""
+
 import math
 
 import numpy as np

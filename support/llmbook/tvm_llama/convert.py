@@ -1,8 +1,9 @@
 # Generated from notebooks/06_tvm.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
-"""Hugging Face Llama weights -> the parameters of the TVM model (fused q/k/v and gate/up).
-Written in notebooks/06_tvm.ipynb."""
+"""Hugging Face Llama weights -> the parameters of the TVM model (fused q/k/v and
+gate/up). Written in notebooks/06_tvm.ipynb."""
+
 import numpy as np
 import tvm
 from tqdm import tqdm
@@ -10,21 +11,38 @@ from tqdm import tqdm
 from llmbook.checkpoint import LlamaConfig, require_shapes
 
 
-def hf_to_tvm(state_dict: dict, cfg: LlamaConfig, progress: bool = True, **bar) -> dict[str, np.ndarray]:
+def hf_to_tvm(
+    state_dict: dict, cfg: LlamaConfig, progress: bool = True, **bar
+) -> dict[str, np.ndarray]:
     """TVM parameter name -> fp32 array. `bar` goes to tqdm (e.g. file=sys.stdout)."""
     sd = {k: np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}
-    out = {"model.embed_tokens.weight": sd.pop("model.embed_tokens.weight"),
-           "model.norm.weight": sd.pop("model.norm.weight")}
+    out = {
+        "model.embed_tokens.weight": sd.pop("model.embed_tokens.weight"),
+        "model.norm.weight": sd.pop("model.norm.weight"),
+    }
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd.pop("lm_head.weight")
-    for i in tqdm(range(cfg.num_layers), desc="converting", unit="layer", disable=not progress, **bar):
+    for i in tqdm(
+        range(cfg.num_layers),
+        desc="converting",
+        unit="layer",
+        disable=not progress,
+        **bar,
+    ):
         p = f"model.layers.{i}."
         out[p + "self_attn.qkv_proj.weight"] = np.concatenate(
-            [sd.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"], axis=0)
+            [sd.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"], axis=0
+        )
         out[p + "mlp.gate_up_proj.weight"] = np.concatenate(
-            [sd.pop(p + "mlp.gate_proj.weight"), sd.pop(p + "mlp.up_proj.weight")], axis=0)
-        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight",
-                     "input_layernorm.weight", "post_attention_layernorm.weight"):
+            [sd.pop(p + "mlp.gate_proj.weight"), sd.pop(p + "mlp.up_proj.weight")],
+            axis=0,
+        )
+        for name in (
+            "self_attn.o_proj.weight",
+            "mlp.down_proj.weight",
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+        ):
             out[p + name] = sd.pop(p + name)
     if sd:
         raise ValueError(f"weights not used by the TVM model: {sorted(sd)[:3]}")
@@ -33,20 +51,34 @@ def hf_to_tvm(state_dict: dict, cfg: LlamaConfig, progress: bool = True, **bar) 
 
 def tvm_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every TVM parameter and its shape."""
-    h, d, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    h, d, kv = (
+        cfg.hidden_size,
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    )
+    shapes = {
+        "model.embed_tokens.weight": (cfg.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.qkv_proj.weight": (d + 2 * kv, h), p + "self_attn.o_proj.weight": (h, d),
-                   p + "mlp.gate_up_proj.weight": (2 * cfg.intermediate_size, h),
-                   p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
-                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        shapes |= {
+            p + "self_attn.qkv_proj.weight": (d + 2 * kv, h),
+            p + "self_attn.o_proj.weight": (h, d),
+            p + "mlp.gate_up_proj.weight": (2 * cfg.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
     return shapes
 
 
-def to_device(weights: dict[str, np.ndarray], names: list[str], cfg: LlamaConfig, dev) -> list:
-    """The parameters in the compiled functions' order, checked, as tvm.runtime.Tensors on `dev`."""
+def to_device(
+    weights: dict[str, np.ndarray], names: list[str], cfg: LlamaConfig, dev
+) -> list:
+    """The parameters in the compiled functions' order, checked, as tvm.runtime.Tensors
+    on `dev`."""
     require_shapes({k: v.shape for k, v in weights.items()}, tvm_shapes(cfg))
     return [tvm.runtime.tensor(weights[n], dev) for n in names]

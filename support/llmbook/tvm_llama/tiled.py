@@ -4,6 +4,7 @@
 """Chapter 6's model with its matrix products in one hand-written kernel: every
 weight matrix in tiles of 16 rows, one row per vector lane, and a register
 tile of 4 tokens x 4 tiles. Written in notebooks/06_tvm.ipynb."""
+
 import functools
 
 import numpy as np
@@ -46,9 +47,9 @@ def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
         raise ValueError(f"{n} tiles: tiled_matmul takes whole groups of {TILES}")
 
     @T.prim_func(s_tir=True)
-    def tiled_matmul(x_handle: T.handle,
-                     w: T.Buffer((n, cols, TILE), "float32"),
-                     y_handle: T.handle):
+    def tiled_matmul(
+        x_handle: T.handle, w: T.Buffer((n, cols, TILE), "float32"), y_handle: T.handle
+    ):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_handle, (m, cols), "float32")
@@ -57,8 +58,9 @@ def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
             for g in range(m // TOKENS):
                 with T.sblock("tile"):
                     vp, vg = T.axis.remap("SS", [p, g])
-                    acc = T.sblock_alloc_buffer((TOKENS, TILES, TILE), "float32",
-                                                scope="local")
+                    acc = T.sblock_alloc_buffer(
+                        (TOKENS, TILES, TILE), "float32", scope="local"
+                    )
                     for t, r in T.grid(TOKENS, TILES):
                         for i in T.vectorized(TILE):
                             acc[t, r, i] = T.float32(0)
@@ -66,12 +68,14 @@ def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
                         for r in T.unroll(TILES):
                             for t in T.unroll(TOKENS):
                                 for i in T.vectorized(TILE):
-                                    acc[t, r, i] += (x[vg * TOKENS + t, k]
-                                                     * w[vp * TILES + r, k, i])
+                                    acc[t, r, i] += (
+                                        x[vg * TOKENS + t, k] * w[vp * TILES + r, k, i]
+                                    )
                     for t, r in T.grid(TOKENS, TILES):
                         for i in T.vectorized(TILE):
-                            y[vg * TOKENS + t,
-                              (vp * TILES + r) * TILE + i] = acc[t, r, i]
+                            y[vg * TOKENS + t, (vp * TILES + r) * TILE + i] = acc[
+                                t, r, i
+                            ]
             for t in range(m % TOKENS):
                 with T.sblock("token"):
                     vp, vt = T.axis.remap("SS", [p, t])
@@ -82,12 +86,14 @@ def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
                     for k in range(cols):
                         for r in T.unroll(TILES):
                             for i in T.vectorized(TILE):
-                                acc[r, i] += (x[m - m % TOKENS + vt, k]
-                                              * w[vp * TILES + r, k, i])
+                                acc[r, i] += (
+                                    x[m - m % TOKENS + vt, k] * w[vp * TILES + r, k, i]
+                                )
                     for r in T.unroll(TILES):
                         for i in T.vectorized(TILE):
-                            y[m - m % TOKENS + vt,
-                              (vp * TILES + r) * TILE + i] = acc[r, i]
+                            y[m - m % TOKENS + vt, (vp * TILES + r) * TILE + i] = acc[
+                                r, i
+                            ]
 
     return tiled_matmul.with_attr("global_symbol", f"tiled_matmul_{n}x{cols}")
 
@@ -98,8 +104,10 @@ def tiled_product(x: Tensor, weight: Tensor, rows: int) -> Tensor:
     n = weight.shape[0]
     flat = op.reshape(x, [-1, cols])
     y = Tensor.placeholder([flat.shape[0], n * TILE], "float32")
-    y = op.reshape(op.tensor_ir_op(tiled_matmul(n, cols), "tiled_matmul",
-                                   [flat, weight], y), [*lead, n * TILE])
+    y = op.reshape(
+        op.tensor_ir_op(tiled_matmul(n, cols), "tiled_matmul", [flat, weight], y),
+        [*lead, n * TILE],
+    )
     return y if n * TILE == rows else op.split(y, [rows], axis=-1)[0]
 
 
@@ -108,8 +116,7 @@ class TiledLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter((tiles(out_features), in_features, TILE),
-                                   "float32")
+        self.weight = nn.Parameter((tiles(out_features), in_features, TILE), "float32")
 
     def forward(self, x: Tensor) -> Tensor:
         return tiled_product(x, self.weight, self.out_features)
@@ -125,9 +132,11 @@ class TiledEmbedding(nn.Module):
 
     def lookup(self, ids: Tensor) -> Tensor:  # [n] int32 -> [n, cols]
         def rows(table: te.Tensor, ids: te.Tensor):
-            return te.compute((ids.shape[0], self.cols),
-                              lambda i, k: table[ids[i] // TILE, k, ids[i] % TILE],
-                              name="rows")
+            return te.compute(
+                (ids.shape[0], self.cols),
+                lambda i, k: table[ids[i] // TILE, k, ids[i] % TILE],
+                name="rows",
+            )
 
         return op.tensor_expr_op(rows, "embed_rows", [self.weight, ids])
 
@@ -152,7 +161,8 @@ class TiledLlamaForCausalLM(LlamaForCausalLM):
             layer.mlp.gate_up_proj = self.linear(h, 2 * ffn)
             layer.mlp.down_proj = self.linear(ffn, h)
         self.model.embed_tokens = self.table(cfg.vocab_size, h)
-        if not cfg.tie_word_embeddings:  # an untied head: a second table, used as the tied one
+        # an untied head: a second table, used as the tied one
+        if not cfg.tie_word_embeddings:
             self.lm_head = self.table(cfg.vocab_size, h)
 
     def logits(self, x: Tensor) -> Tensor:
@@ -168,5 +178,7 @@ def to_device_tiled(weights: dict, names: list[str], cfg, dev) -> list:
     """hf_to_tvm's parameters, checked, every matrix tiled (the norms are
     vectors and stay), in the compiled functions' order, on `dev`."""
     require_shapes({k: v.shape for k, v in weights.items()}, tvm_shapes(cfg))
-    return [tvm.runtime.tensor(tile_matrix(w) if w.ndim == 2 else w, dev)
-            for w in (weights[n] for n in names)]
+    return [
+        tvm.runtime.tensor(tile_matrix(w) if w.ndim == 2 else w, dev)
+        for w in (weights[n] for n in names)
+    ]
