@@ -33,18 +33,17 @@ VERSION = "1"  # bump when what is compiled changes in a way the key cannot see
 
 
 def _package_twin(c: type) -> type | None:
-    """The llmbook class a notebook's class was exported to (same name, same source), if any:
-    a chapter's export cell and the package then share one library."""
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):  # every module it could be in
-        importlib.import_module(f"{__package__}.{info.name}")
-    for name, module in list(sys.modules.items()):
-        twin = getattr(module, c.__qualname__, None) if name.startswith("llmbook.") else None
-        if isinstance(twin, type) and twin.__module__ == name:
+    """The llmbook.tvm_llama class a notebook's class was exported to (same name, same source),
+    if any: a chapter's export cell and the package then share one library."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        twin = getattr(module, c.__qualname__, None)
+        if isinstance(twin, type) and twin.__module__ == module.__name__:
             try:
-                if inspect.getsource(twin) == inspect.getsource(c):
-                    return twin
+                same = inspect.getsource(twin) == inspect.getsource(c)
             except (OSError, TypeError, KeyError):  # KeyError: TVM's getfile, a module it cannot see
                 return None
+            return twin if same else None
     return None
 
 
