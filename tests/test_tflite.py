@@ -42,6 +42,35 @@ def test_mapping_copies_weights(toy):
     assert len(sd) == len(toy.state_dict)  # the loader popped from a copy, not from the bundle's dict
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_equals_the_librarys_decoder(toy, tied):
+    """Chapter 7's hand-written forward computes what litert-torch's DecoderOnlyModel does,
+    bit for bit, with a separate head and with a tied one, over a prefill and a decode call."""
+    import torch
+    from litert_torch.generative.layers import kv_cache as kv_utils
+    from litert_torch.generative.utilities import model_builder
+
+    cfg, sd = toy.config, dict(toy.state_dict)
+    if tied:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+        sd.pop("lm_head.weight")
+    ours = build_model(cfg, sd, 64).eval()
+    theirs = model_builder.build_decoder_only_model(
+        "in-memory", model_config(cfg, 64), tensor_names(cfg),
+        custom_loader=lambda _path: dict(sd), mask_cache_size=64).eval()
+    assert type(ours) is not type(theirs)
+    kv_a = kv_b = kv_utils.KVCache.from_model_config(64, ours.config)
+    calls = [([5, 9, 2, 7, 1], range(5)), ([3], [5]), ([8], [6])]
+    with torch.inference_mode():
+        for tokens, positions in calls:
+            t = torch.tensor([tokens], dtype=torch.int)
+            p = torch.tensor(list(positions), dtype=torch.int)
+            a, b = ours(t, p, kv_a), theirs(t, p, kv_b)
+            assert torch.equal(a["logits"], b["logits"])
+            kv_a, kv_b = a["kv_cache"], b["kv_cache"]
+        assert all(torch.equal(x.k_cache, y.k_cache) for x, y in zip(kv_a.caches, kv_b.caches))
+
+
 def test_mapping_rejects_leftover_weights(toy):
     sd = dict(toy.state_dict) | {"model.extra.weight": toy.state_dict["model.norm.weight"]}
     with pytest.raises(ValueError, match="model.extra.weight"):

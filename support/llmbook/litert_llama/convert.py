@@ -12,8 +12,6 @@ from ai_edge_quantizer import recipe as aeq_recipes
 from ai_edge_quantizer.algorithm_manager import AlgorithmName
 from litert_torch.generative.layers import kv_cache as kv_utils
 from litert_torch.generative.quantize import quant_attrs, quant_recipes
-from litert_torch.generative.utilities.converter import ExportableModule
-from litert_torch.generative.utilities.export_config import ExportConfig
 from litert_torch.quantize import translate_recipe
 
 # this chapter's
@@ -55,12 +53,9 @@ def convert(model, path, prefill_len: int, kv_len: int) -> str:
     Both signatures take tokens, positions and the whole KV cache (one input per layer
     for k and v) and return logits plus the updated cache: the caller holds the cache
     and feeds it back."""
-    mcfg = model.config
-    # logits on prefill too: the runner needs the last prompt position's, and
-    # teacher-forced checks all
-    module = ExportableModule(
-        model, export_config=ExportConfig(output_logits_on_prefill=True)
-    ).eval()
+    mcfg, module = model.config, model.eval()
+    # the prefill signature returns logits too (Decoder.forward always does): the
+    # runner needs the last prompt position's, and the teacher-forced checks all
     kv = kv_utils.KVCache.from_model_config(kv_len, mcfg)
     prefill = dict(
         tokens=torch.zeros((1, prefill_len), dtype=torch.int),
