@@ -75,6 +75,32 @@ def test_tvm_matches_reference_tied_mha(toy_mha):
     assert greedy(backend, ids, 12) == greedy(ref, ids, 12)
 
 
+@pytest.mark.parametrize("cls", ["model.LlamaForCausalLM", "unfused.UnfusedLlamaForCausalLM",
+                                 "tiled.TiledLlamaForCausalLM"])
+def test_backend_builds_each_chapter_6_model(toy, cls):
+    """TVMBackend(model_cls=...) builds chapter 6's other fp32 models, each with its weights in
+    the layout it takes, and each computes the reference's function."""
+    import importlib
+
+    from llmbook.backends.tvm import TVMBackend
+
+    module, name = cls.split(".")
+    model_cls = getattr(importlib.import_module(f"llmbook.tvm_llama.{module}"), name)
+    engine = TVMBackend(toy, model_cls=model_cls)  # the machine's cache
+    ref, ids = HFBackend(toy), [4, 90, 13, 300, 2, 77]
+    assert float(np.max(np.abs(engine.prefill(ids) - ref.prefill(ids)))) < TOL
+    assert greedy(engine, ids, 8) == greedy(ref, ids, 8)
+
+
+def test_backend_refuses_a_model_that_is_not_fp32(toy):
+    from llmbook.backends.tvm import TVMBackend
+    from llmbook.tvm_llama.q4 import Q4LlamaForCausalLM
+
+    for cls in (Q4LlamaForCausalLM, HFBackend):
+        with pytest.raises(ValueError, match="not one of chapter 6's fp32 models"):
+            TVMBackend(toy, model_cls=cls)
+
+
 def test_library_cache_reused(toy, toy_tvm, lib_root):
     again = get_backend("tvm", toy, root=lib_root)
     assert not again.build_info["built"] and again.build_info["path"] == toy_tvm.build_info["path"]

@@ -28,30 +28,50 @@ def target_and_device(device: str):
 class TVMBackend(RunnerBackend):
     """On a CPU, the book's fastest fp32 TVM model: chapter 6's model with its matrices tiled
     (section 6), chapter 9's attention kernels and chapter 10's batched decode: one
-    library for one sequence and for many. On CUDA, chapter 6's model under dlight's GPU rules."""
+    library for one sequence and for many. On CUDA, chapter 6's model under dlight's GPU rules.
+
+    `model_cls` builds another of chapter 6's fp32 models instead (the fused one of section 1,
+    the unfused one, the tiled one, or a reader's subclass of them); its weights are laid out
+    the way that class takes them."""
 
     name = "tvm"
 
     def __init__(self, bundle, device: str = "cpu", max_context: int = 2048, cache: bool = True,
-                 root=None, progress: bool = False):
+                 root=None, progress: bool = False, model_cls=None):
         import tempfile
+
+        import tvm
 
         from ..tvm_llama import build
         from ..tvm_llama.batch import BatchLlamaForCausalLM
         from ..tvm_llama.convert import hf_to_tvm, to_device
         from ..tvm_llama.model import LlamaForCausalLM
+        from ..tvm_llama.q4 import Q4LlamaForCausalLM
         from ..tvm_llama.runner import TVMRunner
-        from ..tvm_llama.tiled import to_device_tiled
+        from ..tvm_llama.tiled import TiledLlamaForCausalLM, to_device_tiled
+        from ..tvm_llama.unfused import UnfusedLlamaForCausalLM
 
         target, dev = target_and_device(device)
         cfg = bundle.config
         self.device, self.target = device, target
-        model_cls = BatchLlamaForCausalLM if device == "cpu" else LlamaForCausalLM
+        if model_cls is None:
+            model_cls = BatchLlamaForCausalLM if device == "cpu" else LlamaForCausalLM
+        # the weights' layout, by the classes it derives from; by name, so that a class
+        # written (or edited) in a chapter's cell counts as the package's class it copies
+        kinds = {c.__name__ for c in model_cls.__mro__}
+        if Q4LlamaForCausalLM.__name__ in kinds or LlamaForCausalLM.__name__ not in kinds:
+            raise ValueError(f"TVM backend: {model_cls.__name__} is not one of chapter 6's fp32 "
+                             f"models (the 4-bit one is the tvm-q4 backend)")
         self.module, names, self.build_info = build.load_or_build(
             bundle.name, cfg, target, root=root if cache else tempfile.mkdtemp(prefix="llmbook-tvm-"),
             model_cls=model_cls)
-        weights = hf_to_tvm(bundle.state_dict, cfg, progress=progress)
-        params = (to_device_tiled if device == "cpu" else to_device)(weights, names, cfg, dev)
+        self.param_names = names  # the order the compiled functions take the weights in
+        if UnfusedLlamaForCausalLM.__name__ in kinds:  # the checkpoint's own matrices
+            params = [tvm.runtime.tensor(bundle.state_dict[n].numpy(), dev) for n in names]
+        else:
+            weights = hf_to_tvm(bundle.state_dict, cfg, progress=progress)
+            tiled = TiledLlamaForCausalLM.__name__ in kinds
+            params = (to_device_tiled if tiled else to_device)(weights, names, cfg, dev)
         self.max_context = min(max_context, cfg.max_position_embeddings)
         self.runner = TVMRunner(self.module, params, dev, cfg.vocab_size, self.max_context, name=self.name)
 

@@ -156,11 +156,11 @@ def mark_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def pipeline(target: tvm.target.Target, schedule: bool = True) -> tvm.transform.Pass:
-    """The tutorial's LLM pipeline. CUDA: dlight GPU rules (RewriteCUDAGraph captures
-    nothing unless the build sets `relax.backend.use_cuda_graph`, which this one does
-    not). CPU: our ParallelCPU rule (schedule=False leaves the naive loops) and no CUDA
-    graphs."""
+def passes(target: tvm.target.Target, schedule: bool = True) -> tvm.transform.Pass:
+    """The tutorial's LLM pipeline for `target`. CUDA: dlight GPU rules
+    (RewriteCUDAGraph captures nothing unless the build sets
+    `relax.backend.use_cuda_graph`, which this one does not). CPU: our ParallelCPU rule
+    (schedule=False leaves the naive loops) and no CUDA graphs."""
     on_gpu = target.kind.name == "cuda"
     if on_gpu:
         rules = [
@@ -204,10 +204,31 @@ def pipeline(target: tvm.target.Target, schedule: bool = True) -> tvm.transform.
     )
 
 
+PIPELINE = "llmbook"
+# TVM refuses to register a name twice; running this cell again (or importing the
+# package's copy after it) replaces the earlier definition instead
+relax.pipeline.PIPELINE_MAP.pop(PIPELINE, None)
+
+
+@relax.register_pipeline(PIPELINE)
+def llmbook_pipeline(schedule: bool = True) -> tvm.transform.Pass:
+    """The pipeline under a name, as TVM registers its own ("zero", "default"):
+    `relax.get_pipeline("llmbook")` makes it, `tvm.compile(..., relax_pipeline=
+    "llmbook")` runs it. The passes depend on the target, which tvm.compile makes the
+    current one before it runs the pipeline."""
+
+    @tvm.transform.module_pass(opt_level=0, name="LLMBookPipeline")
+    def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return passes(tvm.target.Target.current(allow_none=False), schedule)(mod)
+
+    return run
+
+
 def compile_model(model, target: tvm.target.Target, schedule: bool = True):
-    """Trace `model` (a LlamaForCausalLM made for `target`) and compile it:
-    (executable, parameter names in the order the functions take them)."""
+    """Trace `model` (a LlamaForCausalLM made for `target`) and compile it with the
+    registered pipeline: (executable, parameter names in the order the functions take
+    them)."""
     mod, named = model.export_tvm(spec=model.spec())
-    with target:
-        executable = tvm.compile(mod, target, relax_pipeline=pipeline(target, schedule))
+    pipeline = relax.get_pipeline(PIPELINE, schedule=schedule)
+    executable = tvm.compile(mod, target, relax_pipeline=pipeline)
     return executable, [name for name, _ in named]
