@@ -46,6 +46,40 @@ def test_prefill_curve_skips_after_budget():
     assert out[0]["n"] == 1 and "over the 0.0 s budget" in out[1]["skipped"]
 
 
+class ContextEngine:
+    """Pretends to be an engine whose decode takes 1 ms plus 20 µs per cached position."""
+
+    name = "ctx"
+
+    def __init__(self, max_context):
+        self.max_context, self.length = max_context, 0
+
+    def prefill(self, ids):
+        self.length = len(ids)
+        return np.zeros(8, np.float32)
+
+    def decode(self, token):
+        import time
+
+        time.sleep(0.001 + 20e-6 * self.length)
+        self.length += 1
+        return np.zeros(8, np.float32)
+
+
+def test_context_curve_grows_and_caps():
+    engines = {"long": ContextEngine(400), "short": ContextEngine(120)}
+    out = bench.context_curve(engines, list(range(300)), [1, 100, 300], tokens=2, rounds=2)
+    assert out["long"]["contexts"] == [1, 100, 300] and out["long"]["capped"] is None
+    # 2 tokens x (2 rounds + a warm-up) must fit after the prompt: 120 - 6 = 114
+    assert out["short"]["contexts"] == [1, 100, 114] and "120 tokens" in out["short"]["capped"]
+    for r in out.values():
+        assert all(lo <= m <= hi for lo, m, hi in zip(r["ms_per_token"], r["median"], r["max"]))
+    ms = out["long"]["ms_per_token"]
+    assert ms[2] > 3 * ms[0]  # 7 ms against 1 ms, by construction
+    with pytest.raises(ValueError, match="cannot make a context of 300"):
+        bench.context_curve(engines, list(range(200)), [1, 300])
+
+
 def test_decode_curve_on_random_checkpoint(toy):
     d = bench.decode_curve(HFBackend(toy), [1, 2, 3, 4], tokens=8, repeats=2)
     assert d["generated"] == list(range(1, 9)) and d["n"] == 2 and d["prompt_tokens"] == 4

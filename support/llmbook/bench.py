@@ -97,6 +97,44 @@ def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3) -> 
             "tok_s_max": rates.max(0).tolist(), "tok_s": float(np.median(rates[:, -1])), "n": repeats}
 
 
+def context_curve(engines: dict, ids: list[int], contexts: list[int], tokens: int = 4,
+                  rounds: int = 2) -> dict[str, dict]:
+    """Decode time per token after contexts of each length in `contexts` (the first c tokens of
+    `ids`): at each length every engine is prefilled, then decodes `tokens` steps per round in
+    turn with the others (`timing.decode_rates`, one warm-up round). An engine whose context is
+    too short for a length is measured once more at the longest it holds, and says so.
+
+    The curve is the fastest round at each length: a neighbour's burst of work slows the rounds
+    it falls on, and a slope fitted through three medians moved with such bursts by more than
+    the cache's cost itself on the machine that wrote the book. The median and the slowest
+    round are kept beside it. {name: {"contexts": [...], "ms_per_token": [fastest], "median":
+    [...], "max": [...], "capped": reason or None}}."""
+    need = tokens * (rounds + 1)  # decode steps after the prompt, warm-up round included
+    if max(contexts) > len(ids):
+        raise ValueError(f"{len(ids)} token ids cannot make a context of {max(contexts)}")
+    out = {name: {"contexts": [], "ms_per_token": [], "median": [], "max": [], "capped": None}
+           for name in engines}
+    capped_at = {}
+    for name, engine in engines.items():
+        longest = engine.max_context - need
+        if longest < max(contexts):
+            capped_at[name] = longest
+            out[name]["capped"] = f"its context of {engine.max_context} tokens"
+    for c in sorted(set(contexts) | {n for n in capped_at.values() if n > 0}):
+        fit = {n: e for n, e in engines.items() if c <= capped_at.get(n, c)}
+        fit = {n: e for n, e in fit.items() if c in contexts or capped_at.get(n) == c}
+        if not fit:
+            continue
+        for name, rate in timing.decode_rates(fit, ids[:c], tokens, rounds).items():
+            r = out[name]
+            r["contexts"].append(c)
+            # ms per token from tokens/s: the fastest round gives the smallest time
+            r["ms_per_token"].append(1e3 / rate["max"])
+            r["median"].append(1e3 / rate["median"])
+            r["max"].append(1e3 / rate["min"])
+    return out
+
+
 def weight_bytes(engine, cfg) -> int:
     """Bytes of weights one decode step reads: what the engine says it reads (`weight_bytes`, as
     tvm-q4 does), else for quantized engines their file (int8 or 4-bit weights with their
@@ -125,6 +163,9 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
     skipped = {n: why for n, why in opened[1].items() if n in names}
     ids = text_ids(bundle, max(max(prompt_lengths), decode_prompt))
     cfg = bundle.config
+    # the machine's limits, measured before the engines and again after them: on a shared
+    # machine the bandwidth left to us moved between 32 and 46 GB/s within an hour, and a
+    # roofline is the limit, so each is the better of the two measurements
     limits = {"bandwidth_gbs": roofline.read_bandwidth_gbs(), "matmul_gflops": roofline.matmul_gflops()}
     doc = {"model": bundle.name, "threads": threads, "device": device.describe(), "limits": limits,
            "prompt_lengths": list(prompt_lengths), "decode_tokens": decode_tokens, "repeats": repeats,
@@ -143,11 +184,14 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
         w = weight_bytes(engine, cfg)
         context = decode_prompt + decode_tokens // 2
         step_bytes = w + roofline.kv_bytes_per_token(cfg, context)
-        roof = limits["bandwidth_gbs"] * 1e9 / step_bytes
         doc["engines"][name] = {"device": getattr(engine, "device", "cpu"),
-                                "prefill": pre, "decode": dec, "decode_bytes_per_token": step_bytes,
-                                "decode_roofline_tok_s": roof, "roofline_fraction": dec["tok_s"] / roof}
+                                "prefill": pre, "decode": dec, "decode_bytes_per_token": step_bytes}
     bar.close()
+    limits["bandwidth_gbs"] = max(limits["bandwidth_gbs"], roofline.read_bandwidth_gbs())
+    limits["matmul_gflops"] = max(limits["matmul_gflops"], roofline.matmul_gflops())
+    for r in doc["engines"].values():
+        roof = limits["bandwidth_gbs"] * 1e9 / r["decode_bytes_per_token"]
+        r |= {"decode_roofline_tok_s": roof, "roofline_fraction": r["decode"]["tok_s"] / roof}
     return doc
 
 
