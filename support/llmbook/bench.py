@@ -121,8 +121,9 @@ def context_curve(engines: dict, ids: list[int], contexts: list[int], tokens: in
             capped_at[name] = longest
             out[name]["capped"] = f"its context of {engine.max_context} tokens"
     for c in sorted(set(contexts) | {n for n in capped_at.values() if n > 0}):
-        fit = {n: e for n, e in engines.items() if c <= capped_at.get(n, c)}
-        fit = {n: e for n, e in fit.items() if c in contexts or capped_at.get(n) == c}
+        # the lengths asked for that an engine holds, and once its own longest
+        fit = {n: e for n, e in engines.items()
+               if (c in contexts and c <= capped_at.get(n, c)) or capped_at.get(n) == c}
         if not fit:
             continue
         for name, rate in timing.decode_rates(fit, ids[:c], tokens, rounds).items():
