@@ -206,11 +206,15 @@ COLORS = {"hf": "tab:gray", "torch-fused": "tab:orange", "mlx": "tab:purple", "m
 
 def plot(doc: dict, axes=None):
     """Prefill seconds against prompt length, decode tokens/s against generated length, and decode
-    as a fraction of the roofline: three panels for one device's document."""
+    as a fraction of the roofline: three panels for one device's document, the two curves side
+    by side and the bars below them, so that each stays readable at a page's width."""
     import matplotlib.pyplot as plt
 
     if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(15, 4))
+        fig = plt.figure(figsize=(10, 7.5))
+        grid = fig.add_gridspec(2, 2, height_ratios=[1, 0.9])
+        axes = (fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]),
+                fig.add_subplot(grid[1, :]))
     pre_ax, dec_ax, roof_ax = axes
     for name, r in doc["engines"].items():
         pts = [p for p in r["prefill"] if "median_s" in p]
@@ -222,6 +226,10 @@ def plot(doc: dict, axes=None):
         dec_ax.plot(d["generated"], d["tok_s_median"], color=COLORS.get(name), label=name)
         dec_ax.fill_between(d["generated"], d["tok_s_min"], d["tok_s_max"], color=COLORS.get(name), alpha=0.2)
     pre_ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill seconds (median, min-max)")
+    # the prompt lengths themselves as the ticks: a log axis's minor labels overlap
+    lengths = doc["prompt_lengths"]
+    pre_ax.set_xticks(lengths, [str(n) for n in lengths])
+    pre_ax.xaxis.set_minor_formatter(plt.NullFormatter())
     dec_ax.set(xlabel="tokens generated", ylabel="decode tokens / s (running mean)")
     dec_ax.set_ylim(bottom=0)
     names = list(doc["engines"])
