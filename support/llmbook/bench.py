@@ -109,7 +109,7 @@ def context_curve(engines: dict, ids: list[int], contexts: list[int], tokens: in
     the cache's cost itself on the machine that wrote the book. The median and the slowest
     round are kept beside it. {name: {"contexts": [...], "ms_per_token": [fastest], "median":
     [...], "max": [...], "capped": reason or None}}."""
-    need = tokens * (rounds + 1)  # decode steps after the prompt, warm-up round included
+    need = timing.decode_steps(tokens, rounds)  # after the prompt, the warm-up round included
     if max(contexts) > len(ids):
         raise ValueError(f"{len(ids)} token ids cannot make a context of {max(contexts)}")
     out = {name: {"contexts": [], "ms_per_token": [], "median": [], "max": [], "capped": None}

@@ -61,13 +61,19 @@ def interleaved(fns: dict, rounds: int = 5, warmup: int = 1) -> dict[str, list[f
     return samples
 
 
+def decode_steps(tokens: int, rounds: int) -> int:
+    """Decode steps decode_rates takes from each engine after the prompt: a warm-up round, then
+    `rounds` timed ones, `tokens` each."""
+    return tokens * (rounds + 1)
+
+
 def decode_rates(engines: dict, ids: list[int], tokens: int = 32, rounds: int = 3) -> dict[str, dict]:
     """Greedy decode speed of several engines, interleaved: each is prefilled with `ids` (not
     timed), then every round runs `tokens` decode steps of each engine in turn (one warm-up round
     first). {name: summary of tokens/s over the rounds}."""
     state = {}
     for name, engine in engines.items():
-        check_context(engine, len(ids), tokens * (rounds + 1))
+        check_context(engine, len(ids), decode_steps(tokens, rounds))
         state[name] = int(np.argmax(engine.prefill(ids)))
 
     def steps(name):
