@@ -13,7 +13,7 @@ from llmbook.backends.hf import HFBackend
 from llmbook.checkpoint import TOY_GQA, load_model, random_checkpoint
 from llmbook.cli import main
 from llmbook.generation import greedy
-from llmbook.serving import Request, batch_vs_solo, serve
+from llmbook.serving import Request, StepModel, batch_vs_solo, latencies, serve
 from llmbook.tvm_llama.batch import PAGE_SIZE, CacheFull
 
 # hidden 40 and ffn 72: the matrix products' sums are not a multiple of 16 lanes
@@ -84,9 +84,49 @@ def test_continuous_batching(engine, toy):
         assert len(r.tokens) == r.max_new_tokens and r.admitted >= r.arrival and r.finished > r.admitted
         assert r.tokens == greedy(engine, r.prompt, r.max_new_tokens)
     assert sorted(log["batch_sizes"]) != log["batch_sizes"] or len(set(log["batch_sizes"])) > 1
+    # each request's latencies, on serve's one clock
+    for r in requests:
+        assert 0 <= r.arrived_s <= r.first_token_s <= r.last_token_s <= log["seconds"]
+        assert r.ttft_s > 0 and (r.tpot_s is None) == (r.max_new_tokens == 1)
+    lat = latencies(requests)
+    assert 0 < lat["ttft_s"][50] <= lat["ttft_s"][90] and 0 < lat["tpot_s"][50] <= lat["tpot_s"][90]
     too_big = [Request(0, list(range(1, 200)), 10)]
     with pytest.raises(ValueError, match="more pages than the whole cache"):
         serve(engine.batch_runner(2, 4 * PAGE_SIZE), too_big, max_batch=2)
+
+
+def test_static_batching(engine, toy):
+    vocab = toy.config.vocab_size
+    workload = lambda: [Request(i, p, 2 + (5 * i) % 9, arrival=i)  # noqa: E731
+                        for i, p in enumerate(prompts(7, vocab, 2))]
+    continuous, static = workload(), workload()
+    steps = serve(engine.batch_runner(3, 512), continuous, max_batch=3)["steps"]
+    log = serve(engine.batch_runner(3, 512), static, max_batch=3, static=True)
+    assert max(log["batch_sizes"]) <= 3 and log["steps"] > steps
+    for r in static:
+        assert r.tokens == greedy(engine, r.prompt, r.max_new_tokens)
+        # a group is admitted only when every request admitted before it has left
+        assert all(q.finished <= r.admitted for q in static if q.admitted < r.admitted)
+    served_again = serve(engine.batch_runner(3, 512), static, max_batch=3, static=True)
+    assert served_again["steps"] == log["steps"]  # the same requests, their clocks reset
+    assert all(r.arrived_s <= r.first_token_s for r in static)
+
+
+def test_step_model_crossover():
+    # 1 GB of weights at 10 GB/s: 0.1 s a step; a sequence adds 0.1 GB of keys and values
+    # (0.01 s) and 2 GFLOP at 100 GFLOP/s (0.02 s): the terms meet at 0.1 / (0.02 - 0.01) = 10
+    model = StepModel(weight_bytes=1e9, kv_bytes=1e8, flops=2e9, bandwidth_gbs=10, gflops=100)
+    b = model.crossover()
+    assert b == pytest.approx(10)
+    assert model.compute_s(b) == pytest.approx(model.memory_s(b))  # flops/rate == bytes/bw
+    assert model.step_s(9) == model.memory_s(9) > model.compute_s(9)
+    assert model.step_s(11) == model.compute_s(11) > model.memory_s(11)
+    # the step grows from batch 2 on, by the keys and values alone: growth is not compute
+    assert model.step_s(2) > 1.01 * model.step_s(1) and model.step_s(2) == model.memory_s(2)
+    # no keys and values: B* = (W / BW) / (F / C)
+    assert StepModel(1e9, 0, 2e9, 10, 100).crossover() == pytest.approx(5)
+    # a sequence that adds more reading than arithmetic never turns the step compute-bound
+    assert StepModel(1e9, 3e8, 2e9, 10, 100).crossover() == float("inf")
 
 
 def test_cli_batch(toy_dir, capsys):
