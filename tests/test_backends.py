@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from llmbook import backends, device
+from llmbook import backends, device, roofline
 from llmbook.backends.hf import HFBackend
-from llmbook.engine import Backend
+from llmbook.engine import Backend, BackendBase, BatchRunner
 from llmbook.generation import ContextError, check_context, greedy
 
 PROMPT = [5, 17, 3, 250, 41, 99, 7, 180, 64, 12, 33, 201]
@@ -31,20 +31,21 @@ def engine(request, bundle):
 
 def test_interface(engine, request):
     name = request.node.callspec.params["engine"]
-    assert isinstance(engine, Backend)
+    # the optional members come from BackendBase, with its defaults where the engine has none
+    assert isinstance(engine, Backend) and isinstance(engine, BackendBase)
     assert engine.name == name and isinstance(engine.quantized, bool)
     assert engine.quantized == (name in ("tflite-int8", "tflite-int4", "tvm-q4", "mlx-q4", "llama.cpp"))
     assert 0 < engine.max_context <= 2048
 
 
 def test_parity_with_the_reference(engine, bundle):
-    own = getattr(engine, "own_weights", None)
+    own = engine.own_weights
     # an engine that rounds the weights itself (tvm-q4, mlx-q4) is held to the reference model on
     # those rounded weights, exactly; the others to the fp32 one
     ref = HFBackend(bundle if own is None else bundle.with_weights(own))
     got, want = engine.prefill(PROMPT), ref.prefill(PROMPT)
     assert got.shape == want.shape == (bundle.config.vocab_size,) and got.dtype == np.float32
-    if engine.quantized and own is None:  # weights rounded again: the same function, roughly
+    if not engine.exact:  # weights or activations rounded again: the same function, roughly
         # logits correlate at 0.998 or more after int8 rounding of these random toys, at 0.8 to
         # 0.96 after int4 rounding (LiteRT's symmetric blocks, with int8 activations); a wrong
         # layer or weight order gives about 0. test_tflite holds int8 to its own bounds.
@@ -52,6 +53,45 @@ def test_parity_with_the_reference(engine, bundle):
     else:
         assert np.abs(got - want).max() <= 1e-3
         assert greedy(engine, PROMPT, STEPS) == greedy(ref, PROMPT, STEPS)
+
+
+def test_weight_bytes(engine, bundle):
+    """Every engine counts the bytes of weights one decode step reads (chapter 8 divides the
+    bandwidth by them). The engines that compute from their own fp32 arrays count what the
+    roofline's formula does; a LiteRT file's constants hold them and its own tables (the
+    file holds those and its graph); rounded weights are fewer bytes than fp32's (in a
+    LiteRT file of a random toy, its fp32 causal mask is a large part of them)."""
+    fp32 = roofline.weight_bytes_per_token(bundle.config)
+    assert isinstance(engine.weight_bytes, int)
+    if not engine.quantized and engine.path is None:
+        assert engine.weight_bytes == fp32
+    elif not engine.quantized:
+        assert fp32 <= engine.weight_bytes < engine.path.stat().st_size
+    elif engine.path is None:  # 4 or 8 bits a weight with their scales
+        assert 0 < engine.weight_bytes < 0.5 * fp32
+    else:
+        assert 0 < engine.weight_bytes < min(fp32, engine.path.stat().st_size)
+
+
+def test_text_logits(engine):
+    """Every position's logits in one pass, equal to decoding the text token by token; or None,
+    and then llmbook.quality decodes it."""
+    rows = engine.text_logits(PROMPT)
+    if rows is None:
+        pytest.skip(f"{engine.name} has no one-pass text_logits")
+    steps = [engine.prefill(PROMPT[:1])] + [engine.decode(t) for t in PROMPT[1:]]
+    np.testing.assert_allclose(rows, np.stack(steps), atol=1e-4)
+
+
+def test_batch_runner_or_unavailable(engine):
+    """An engine without a batched decode says so with BackendUnavailable (the CLI's one line);
+    one with it returns a llmbook.engine.BatchRunner."""
+    if type(engine).batch_runner is BackendBase.batch_runner:
+        message = f"backend {engine.name!r} has no batched decode"
+        with pytest.raises(backends.BackendUnavailable, match=message):
+            engine.batch_runner(2, 64)
+    else:
+        assert isinstance(engine.batch_runner(2, 64), BatchRunner)
 
 
 def test_reset(engine):

@@ -44,6 +44,9 @@ def test_unknown_backend(toy):
 
 def test_missing_engine_is_reported(toy, monkeypatch):
     from llmbook import backends
-    monkeypatch.setitem(backends.REGISTRY, "ghost", ("llmbook.backends.no_such_engine", "X", "the ghost engine"))
-    with pytest.raises(BackendUnavailable, match="backend 'ghost' needs the ghost engine"):
+    ghost = backends.Entry("llmbook.backends.hf", "HFBackend", "the ghost engine",
+                           ("llmbook_no_such_engine",), "k")
+    monkeypatch.setitem(backends.REGISTRY, "ghost", ghost)
+    with pytest.raises(BackendUnavailable, match="backend 'ghost' needs the ghost engine; "
+                                                 "not installed here: llmbook_no_such_engine"):
         get_backend("ghost", toy)

@@ -12,7 +12,6 @@ import statistics
 import sys
 import time
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -136,16 +135,13 @@ def context_curve(engines: dict, ids: list[int], contexts: list[int], tokens: in
     return out
 
 
-def weight_bytes(engine, cfg) -> int:
-    """Bytes of weights one decode step reads: what the engine says it reads (`weight_bytes`, as
-    tvm-q4 does), else for quantized engines their file (int8 or 4-bit weights with their
-    scales), else every parameter in fp32."""
-    if getattr(engine, "weight_bytes", None):
-        return int(engine.weight_bytes)
-    path = getattr(engine, "path", None)
-    if engine.quantized and path is not None:
-        return Path(path).stat().st_size
-    return roofline.weight_bytes_per_token(cfg)
+def weight_bytes(engine) -> int:
+    """Bytes of weights one decode step reads, as the engine counts them (every engine of the
+    book does: fp32 arrays, blocks with their scales, a file's constants)."""
+    if engine.weight_bytes is None:
+        raise ValueError(f"engine {engine.name!r} does not count the bytes of weights it reads "
+                         "(weight_bytes, llmbook.engine.BackendBase)")
+    return int(engine.weight_bytes)
 
 
 def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), decode_tokens: int = 64,
@@ -182,10 +178,10 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
         slow = any(p.get("over_budget") for p in pre)
         dec = decode_curve(engine, ids[:decode_prompt], decode_tokens, 1 if slow else repeats)
         bar.update()
-        w = weight_bytes(engine, cfg)
+        w = weight_bytes(engine)
         context = decode_prompt + decode_tokens // 2
         step_bytes = w + roofline.kv_bytes_per_token(cfg, context)
-        doc["engines"][name] = {"device": getattr(engine, "device", "cpu"),
+        doc["engines"][name] = {"device": engine.device,
                                 "prefill": pre, "decode": dec, "decode_bytes_per_token": step_bytes}
     bar.close()
     limits["bandwidth_gbs"] = max(limits["bandwidth_gbs"], roofline.read_bandwidth_gbs())
@@ -196,12 +192,7 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
     return doc
 
 
-# ---- figures ---------------------------------------------------------------------------------
-
-COLORS = {"hf": "tab:gray", "torch-fused": "tab:orange", "mlx": "tab:purple", "mlx-q4": "tab:pink",
-          "tvm": "tab:blue", "tvm-q4": "tab:cyan",
-          "tflite": "tab:green", "tflite-int8": "tab:olive",
-          "tflite-int4": "tab:brown", "llama.cpp": "tab:red"}
+# ---- figures: each engine in its registry colour (llmbook.backends) ---------------------------
 
 
 def plot(doc: dict, axes=None):
@@ -220,11 +211,11 @@ def plot(doc: dict, axes=None):
         pts = [p for p in r["prefill"] if "median_s" in p]
         if pts:
             x = [p["tokens"] for p in pts]
-            pre_ax.errorbar(x, [p["median_s"] for p in pts], marker="o", color=COLORS.get(name), label=name,
+            pre_ax.errorbar(x, [p["median_s"] for p in pts], marker="o", color=backends.color(name), label=name,
                             yerr=[[p["median_s"] - p["min_s"] for p in pts], [p["max_s"] - p["median_s"] for p in pts]])
         d = r["decode"]
-        dec_ax.plot(d["generated"], d["tok_s_median"], color=COLORS.get(name), label=name)
-        dec_ax.fill_between(d["generated"], d["tok_s_min"], d["tok_s_max"], color=COLORS.get(name), alpha=0.2)
+        dec_ax.plot(d["generated"], d["tok_s_median"], color=backends.color(name), label=name)
+        dec_ax.fill_between(d["generated"], d["tok_s_min"], d["tok_s_max"], color=backends.color(name), alpha=0.2)
     pre_ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill seconds (median, min-max)")
     # the prompt lengths themselves as the ticks: a log axis's minor labels overlap
     lengths = doc["prompt_lengths"]
@@ -234,7 +225,7 @@ def plot(doc: dict, axes=None):
     dec_ax.set_ylim(bottom=0)
     names = list(doc["engines"])
     fractions = [doc["engines"][n]["roofline_fraction"] for n in names]
-    roof_ax.barh(names, fractions, color=[COLORS.get(n) for n in names])
+    roof_ax.barh(names, fractions, color=[backends.color(n) for n in names])
     roof_ax.axvline(1.0, color="tab:red", linestyle="--")
     roof_ax.set(xlabel="decode / memory roofline", xlim=(0, max(1.05, max(fractions, default=0) * 1.1)))
     roof_ax.invert_yaxis()

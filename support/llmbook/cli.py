@@ -13,6 +13,7 @@ import sys
 
 from . import backends, device
 from .checkpoint import CheckpointError, load_model
+from .engine import PAGE_SIZE, pages_for
 from .generation import ContextError, compare, stream
 
 
@@ -134,8 +135,6 @@ def batch(args) -> int:
     from .bench import text_ids
     from .serving import batch_vs_solo
 
-    if not hasattr(cls := backends.backend_class(args.backend), "batch_runner"):
-        raise ValueError(f"backend {args.backend!r} has no batched decode ({cls.__name__} has no batch_runner)")
     bundle = load_model(args.model)
     engine = backends.get_backend(args.backend, bundle)
     if (room := engine.max_context - args.steps) < 1:
@@ -146,12 +145,13 @@ def batch(args) -> int:
     lengths = [min(8 + (13 * i) % 57, room) for i in range(args.sequences)]
     text = text_ids(bundle, 64 * args.sequences + 64)
     prompts = [text[64 * i: 64 * i + n] for i, n in enumerate(lengths)]
-    page = 16
-    pages = sum(-(-(n + args.steps) // page) for n in lengths)
-    cache_tokens = args.cache_tokens or pages * page
-    if pages > cache_tokens // page:
+    pages = sum(pages_for(n + args.steps) for n in lengths)
+    cache_tokens = args.cache_tokens or pages * PAGE_SIZE
+    if pages > cache_tokens // PAGE_SIZE:
         raise ValueError(f"{args.sequences} sequences of prompt + {args.steps} steps need {pages} pages of "
-                         f"{page} tokens, but a cache of {cache_tokens} tokens holds {cache_tokens // page}")
+                         f"{PAGE_SIZE} tokens, but a cache of {cache_tokens} tokens holds "
+                         f"{cache_tokens // PAGE_SIZE}")
+    # an engine without a batched decode raises BackendUnavailable: main prints its one line
     runner = engine.batch_runner(max_batch=args.sequences, max_tokens=cache_tokens)
     result = batch_vs_solo(engine, runner, prompts, args.steps)
     print(f"{args.backend} on {bundle.name}: {args.sequences} sequences x {args.steps} steps, "
@@ -175,13 +175,15 @@ def run(args) -> int:
         bundle = load_model(None)
         print(f"{bundle.name} ready in {bundle.path}")
         return 0
+    if args.command != "bench":
+        # before loading anything (or importing an engine before use_threads sets the thread
+        # count): an unknown backend, or one whose engine is not installed, is one line now
+        backends.check_installed(args.backend)
     device.use_threads(args.threads)
     if args.command == "bench":
         return bench(args)
     if args.command == "batch":
         return batch(args)
-    if args.backend not in backends.names():  # before loading anything
-        raise ValueError(f"unknown backend {args.backend!r}; known backends: {', '.join(backends.names())}")
     bundle = load_model(args.model)
     ids = prompt_ids(bundle, args)
     engine = backends.get_backend(args.backend, bundle)
@@ -200,7 +202,7 @@ def run(args) -> int:
     from .backends.hf import HFBackend
 
     reference, against = HFBackend(bundle), "hf"
-    if (own := getattr(engine, "own_weights", None)) is not None:
+    if (own := engine.own_weights) is not None:
         # an engine that rounded the weights itself is checked against the reference model on
         # those rounded weights: the difference left is the engine's, not the rounding's
         reference, against = HFBackend(bundle.with_weights(own)), f"hf on {args.backend}'s rounded weights"

@@ -9,9 +9,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-
-class ContextError(ValueError):
-    """Prompt plus requested tokens do not fit in the backend's context."""
+# defined with the interface (chapter 3's llmbook.engine), which raises it; imported from here too
+from llmbook.engine import ContextError  # noqa: F401
 
 
 def check_context(backend, n_prompt: int, max_tokens: int) -> None:

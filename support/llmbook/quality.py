@@ -42,12 +42,13 @@ def teacher_forced(backend, ids) -> np.ndarray:
 
     Uses only the backend interface (prefill of the first token, then decode of each next one), so
     every engine in the book is measured the same way; the text must fit in its context. A backend
-    with `text_logits` (the transformers reference) computes every row in one forward pass
-    instead: the same causal arithmetic, equal to the step-by-step rows to fp32 rounding."""
+    whose `text_logits` gives the rows (the transformers reference) computes them all in one
+    forward pass instead: the same causal arithmetic, equal to the step-by-step rows to fp32
+    rounding. Other backends' `text_logits` is llmbook.engine.BackendBase's: None."""
     if len(ids) > backend.max_context:
         raise ValueError(f"{len(ids)} tokens exceed the context of {backend.max_context} of {backend.name!r}")
-    if hasattr(backend, "text_logits"):
-        return np.asarray(backend.text_logits(list(ids)), dtype=np.float32)
+    if (rows := backend.text_logits(list(ids))) is not None:
+        return np.asarray(rows, dtype=np.float32)
     rows = [backend.prefill(list(ids[:1]))]
     rows += [backend.decode(int(t)) for t in ids[1:]]
     return np.stack(rows).astype(np.float32)

@@ -2,44 +2,64 @@
 
 Each backend is an `llmbook.engine.Backend` (chapter 3 writes it down): name, max_context,
 quantized, reset(), prefill(ids), decode(token), each checking its input with
-`llmbook.engine.check_tokens`. Optional members:
-    device             where it computes: "cpu" (the default), or "gpu" (MLX on Metal); the
-                       measured CPU bandwidth bounds only the engines on the CPU
-    text_logits(ids)   logits of every position of a new sequence from one forward pass (the
-                       reference has it, so llmbook.quality need not decode it token by token)
-    batch_runner(max_batch, max_tokens)
-                       many sequences in one cache, decoded together (chapter 10; `batch` in the
-                       command line runs the backends that have it)
+`llmbook.engine.check_tokens`. Each derives from `llmbook.engine.BackendBase`, which declares
+the members only some engines have (device, path, source, own_weights, weight_bytes,
+head_every_position, exact, text_logits, batch_runner) with their defaults.
+
+The registry below is the one list of engines: what the command line accepts, what the
+benchmarks open, what each needs installed, and the colour each has in every figure.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import importlib.util
 
 from ..checkpoint import Bundle
-from ..engine import Backend, check_tokens  # noqa: F401  (Backend: re-exported for the backends)
+# re-exported: the backends, the chapters and the tests import them from here
+from ..engine import Backend, BackendBase, BackendUnavailable, check_tokens  # noqa: F401
 
-# name -> (module, class, what to install when it is missing). Modules import lazily: a reader
-# without TVM can still run the MLX backend.
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One engine of the registry."""
+
+    module: str  # the module that defines its class, imported on first use
+    cls: str  # the class's name in that module
+    needs: str  # what to install when it is missing, in words
+    imports: tuple[str, ...]  # the top-level packages it imports: without one, it cannot run
+    color: str  # its matplotlib colour in every figure
+    options: dict = dataclasses.field(default_factory=dict)  # keyword arguments of its class
+
+
+_TVM = "apache-tvm==0.26.0"
+_LITERT = "litert-torch and ai-edge-litert"
+_MLX = "mlx[cpu] (Linux) or mlx (macOS)"
+# Modules import lazily: a reader without TVM can still run the MLX backend. LiteRT's engine
+# is ai_edge_litert; litert_torch converts a checkpoint into its file.
 REGISTRY = {
-    "hf": ("llmbook.backends.hf", "HFBackend", "transformers"),
-    "torch-fused": ("llmbook.backends.fused", "TorchFusedBackend", "torch and transformers"),
-    "mlx": ("llmbook.backends.mlx", "MLXBackend", "mlx[cpu] (Linux) or mlx (macOS)"),
-    "mlx-q4": ("llmbook.backends.mlx", "MLXQ4Backend", "mlx[cpu] (Linux) or mlx (macOS)"),
-    "tvm": ("llmbook.backends.tvm", "TVMBackend", "apache-tvm==0.26.0"),
-    "tvm-q4": ("llmbook.backends.tvm", "TVMQ4Backend", "apache-tvm==0.26.0"),
-    "tflite": ("llmbook.backends.tflite", "TFLiteBackend", "litert-torch and ai-edge-litert"),
-    "tflite-int8": ("llmbook.backends.tflite", "TFLiteInt8Backend", "litert-torch and ai-edge-litert"),
-    "tflite-int4": ("llmbook.backends.tflite", "TFLiteInt4Backend", "litert-torch and ai-edge-litert"),
-    "llama.cpp": ("llmbook.backends.llama_cpp", "LlamaCppBackend", "llama-cpp-python==0.3.36 (make compiles it)"),
+    "hf": Entry("llmbook.backends.hf", "HFBackend", "torch and transformers",
+                ("torch", "transformers"), "tab:gray"),
+    "torch-fused": Entry("llmbook.backends.fused", "TorchFusedBackend", "torch and transformers",
+                         ("torch", "transformers"), "tab:orange"),
+    "mlx": Entry("llmbook.backends.mlx", "MLXBackend", _MLX, ("mlx",), "tab:purple"),
+    "mlx-q4": Entry("llmbook.backends.mlx", "MLXQ4Backend", _MLX, ("mlx",), "tab:pink"),
+    "tvm": Entry("llmbook.backends.tvm", "TVMBackend", _TVM, ("tvm",), "tab:blue"),
+    "tvm-q4": Entry("llmbook.backends.tvm", "TVMBackend", _TVM, ("tvm",), "tab:cyan",
+                    options={"bits": 4}),
+    "tflite": Entry("llmbook.backends.tflite", "TFLiteBackend", _LITERT,
+                    ("ai_edge_litert", "litert_torch"), "tab:green"),
+    "tflite-int8": Entry("llmbook.backends.tflite", "TFLiteInt8Backend", _LITERT,
+                         ("ai_edge_litert", "litert_torch"), "tab:olive"),
+    "tflite-int4": Entry("llmbook.backends.tflite", "TFLiteInt4Backend", _LITERT,
+                         ("ai_edge_litert", "litert_torch"), "tab:brown"),
+    "llama.cpp": Entry("llmbook.backends.llama_cpp", "LlamaCppBackend",
+                       "llama-cpp-python==0.3.36 (make compiles it)", ("llama_cpp",), "tab:red"),
 }
 
 
-class BackendUnavailable(RuntimeError):
-    """The backend's engine or device is not present on this machine."""
-
-
-class StepBackend:
+class StepBackend(BackendBase):
     """A backend whose engine takes any number of new tokens in one `_forward(ids)` call and
     returns the last position's logits; `_reset()` empties the engine's cache. This class
     counts the tokens cached (`length`) and checks every input before the engine sees it."""
@@ -65,7 +85,7 @@ class StepBackend:
         return logits
 
 
-class RunnerBackend:
+class RunnerBackend(BackendBase):
     """A backend whose engine-side runner (TVM's, LiteRT's) already speaks prefill/decode for one
     sequence: the backend only builds or loads the engine and hands the calls on (the runner
     checks the input with llmbook.engine.check_tokens)."""
@@ -86,9 +106,10 @@ class RunnerBackend:
 class RoundedWeights:
     """A 4-bit backend that runs a GGUF's own blocks, or rounds a Hugging Face checkpoint's fp32
     weights itself (then `_rounded` holds those blocks). `compare` and the tests judge it against
-    the weights it computes with."""
+    the weights it computes with, which it multiplies in fp32: exactly."""
 
     _rounded = None
+    exact = True
 
     @functools.cached_property
     def own_weights(self) -> dict | None:
@@ -100,22 +121,61 @@ class RoundedWeights:
         return None if self._rounded is None else dequantize_all(self._rounded)
 
 
+def step_weight_bytes(held: int, table: int, vocab_size: int, tied: bool) -> int:
+    """Bytes of weights one decode step reads, from the bytes an engine holds (`held`, a tied
+    table once) and those of its embedding table (`table`): a step looks up one row of the
+    table, and reads all of it only when it is tied, as the output head."""
+    return held - (0 if tied else table) + table // vocab_size
+
+
 def names() -> list[str]:
     return list(REGISTRY)
+
+
+def entry(name: str) -> Entry:
+    """The registry's entry for `name` (ValueError for a name it does not hold)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def color(name: str) -> str:
+    """The engine's colour in every figure."""
+    return entry(name).color
+
+
+def missing(name: str) -> list[str]:
+    """The packages the engine imports that are not installed here (found, not imported)."""
+    return [p for p in entry(name).imports if importlib.util.find_spec(p) is None]
+
+
+def check_installed(name: str) -> Entry:
+    """The entry of `name` once its packages are known to be installed, before any is imported
+    (BackendUnavailable names what to install). litert_torch, say, is imported only by the
+    subprocess that converts a checkpoint: without this check a missing one would fail there,
+    minutes later."""
+    e = entry(name)
+    if absent := missing(name):
+        raise BackendUnavailable(f"backend {name!r} needs {e.needs}; not installed here: "
+                                 f"{', '.join(absent)}")
+    return e
 
 
 def backend_class(name: str) -> type:
     """The class behind a registered name, imported (BackendUnavailable when its engine is not
     installed)."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(REGISTRY)}")
-    module, cls, needs = REGISTRY[name]
+    e = check_installed(name)
     try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise BackendUnavailable(f"backend {name!r} needs {needs}: {e}") from e
-    return getattr(mod, cls)
+        mod = importlib.import_module(e.module)
+    except ImportError as err:
+        # a package under the engine that is missing, or not the version it needs, makes the
+        # engine unavailable here; an import that fails inside the book's own code is a bug
+        if (err.name or "").split(".")[0] == __name__.split(".")[0]:
+            raise
+        raise BackendUnavailable(f"backend {name!r} needs {e.needs}: {err}") from err
+    return getattr(mod, e.cls)
 
 
 def get_backend(name: str, bundle: Bundle, **options):
-    return backend_class(name)(bundle, **options)
+    """The engine `name` on `bundle`, built with its entry's options and then `options`."""
+    return backend_class(name)(bundle, **(entry(name).options | options))

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from ..fused_llama.swap import swap_in
-from . import StepBackend
+from . import StepBackend, step_weight_bytes
 
 
 class TorchFusedBackend(StepBackend):
@@ -14,6 +14,14 @@ class TorchFusedBackend(StepBackend):
         self.vocab_size = bundle.config.vocab_size
         self.max_context = min(max_len, bundle.config.max_position_embeddings)
         self.model = swap_in(bundle.hf_model, self.max_context, compile=compile)
+        # what its forward reads: each layer's stacked matrices and norms, the embedding table,
+        # the final norm and the head (the table itself when tied: one tensor, counted once)
+        inner = self.model.model
+        tensors = [t for layer in inner.layers for t in layer.w]
+        tensors += [inner.embed_tokens.weight, inner.norm.weight, self.model.lm_head.weight]
+        held = sum({t.data_ptr(): t.nbytes for t in tensors}.values())
+        self.weight_bytes = step_weight_bytes(held, inner.embed_tokens.weight.nbytes,
+                                              self.vocab_size, bundle.config.tie_word_embeddings)
         self.reset()
 
     def _reset(self):

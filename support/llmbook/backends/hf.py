@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from . import StepBackend, check_tokens
+from . import StepBackend, check_tokens, step_weight_bytes
 
 
 class HFBackend(StepBackend):
@@ -11,8 +11,13 @@ class HFBackend(StepBackend):
 
     def __init__(self, bundle):
         self.model = bundle.hf_model
-        self.vocab_size = bundle.config.vocab_size
-        self.max_context = bundle.config.max_position_embeddings
+        cfg = bundle.config
+        self.vocab_size = cfg.vocab_size
+        self.max_context = cfg.max_position_embeddings
+        # parameters() yields a tied table once
+        self.weight_bytes = step_weight_bytes(
+            sum(p.nbytes for p in self.model.parameters()),
+            self.model.get_input_embeddings().weight.nbytes, cfg.vocab_size, cfg.tie_word_embeddings)
         self.reset()
 
     def _reset(self):

@@ -7,13 +7,13 @@ the dot products, so its logits are close to, not equal to, the fp32 reference's
 from __future__ import annotations
 
 import numpy as np
-from llama_cpp import Llama, llama_get_logits_ith  # not installed: get_backend reports it unavailable
+from llama_cpp import Llama, llama_get_logits_ith, llama_model_size  # not installed: get_backend reports it unavailable
 
-from . import BackendUnavailable
+from . import BackendBase, BackendUnavailable
 from ..engine import check_tokens
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(BackendBase):
     name = "llama.cpp"
     quantized = True  # the GGUF's 4-bit weights
 
@@ -27,6 +27,9 @@ class LlamaCppBackend:
         n = threads or default_threads()
         self.llm = Llama(model_path=str(self.path), n_ctx=self.max_context, n_threads=n, n_threads_batch=n,
                          n_batch=512, logits_all=False, verbose=False)
+        # llama.cpp's own count: the bytes of the GGUF's tensors as stored, its blocks and scales
+        # (not the file's header and vocabulary); the tied table counted once, as the head
+        self.weight_bytes = llama_model_size(self.llm.model)
         self.vocab_size = bundle.config.vocab_size
 
     def reset(self):

@@ -3,22 +3,33 @@ chapter 9's 4-bit blocks."""
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..device import mlx_device
 from ..mlx_llama.convert import hf_to_mlx, load_weights
 from ..mlx_llama.model import Llama
-from . import RoundedWeights, StepBackend
+from . import RoundedWeights, StepBackend, step_weight_bytes
 
 
 class MLXBackend(StepBackend):
     name = "mlx"
     device = mlx_device()  # "gpu" on a Mac: MLX computes on Metal by default
+    head_every_position = True  # the model returns every position's logits (chapter 3)
 
     def __init__(self, bundle):
         self.model = load_weights(Llama(bundle.config), hf_to_mlx(bundle.state_dict))
         self.vocab_size = bundle.config.vocab_size
         self.max_context = bundle.config.max_position_embeddings
+        self.weight_bytes = self._weight_bytes()
         self.reset()
+
+    def _weight_bytes(self) -> int:
+        """What one decode step reads of the model's arrays (codes, scales and biases too,
+        once quantized); a tied table is the `embedding` alone, with no `out_proj`."""
+        arrays = tree_flatten(self.model.parameters())
+        table = sum(v.nbytes for k, v in arrays if k.startswith("embedding."))
+        return step_weight_bytes(sum(v.nbytes for _, v in arrays), table, self.vocab_size,
+                                 "out_proj" not in self.model)
 
     def _reset(self):
         self.cache = None
@@ -37,16 +48,13 @@ class MLXQ4Backend(RoundedWeights, MLXBackend):
     quantized = True
 
     def __init__(self, bundle):
-        from mlx.utils import tree_flatten
-
         from ..mlx_llama.q4 import quantized_llama
         from ..quant import four_bit
 
         weights, self.source = four_bit(bundle)
         self._rounded = None if bundle.gguf is not None else weights
         self.model = quantized_llama(bundle.config, weights)
-        # what one decode step reads: every code, scale and bias (the tied table as the head)
-        self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self.vocab_size = bundle.config.vocab_size
         self.max_context = bundle.config.max_position_embeddings
+        self.weight_bytes = self._weight_bytes()
         self.reset()

@@ -8,8 +8,29 @@ on disk keyed by model, config, weights, shapes, recipe and environment (llmbook
 """
 from __future__ import annotations
 
+import mmap
+
+# at import, so that a machine without LiteRT gets BackendUnavailable from the registry
+from ai_edge_litert import schema_py_generated as schema  # the .tflite format
+
 from . import RunnerBackend
+from ..litert_llama.runner import LiteRTRunner
 from ..quiet import XNNPACK_DELEGATE, dropping_stderr
+
+
+def constant_bytes(path) -> int:
+    """Bytes of every constant a .tflite file holds, each once (its prefill and decode signatures
+    share them): the weights with their scales, and the graph's own tables (the causal mask, of
+    kv_len x kv_len). A decode step reads all of it but one row of the mask, and one row of an
+    untied embedding table (SmolLM2's is tied: the head, read whole): beside a real model's
+    weights, the rest of the mask is a fraction of a percent. Not the file's size: the file also
+    holds the graph (operators, tensor names, signatures), megabytes beside a quantized file's
+    weights."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        model = schema.Model.GetRootAs(data, 0)
+        buffers = (model.Buffers(i) for i in range(model.BuffersLength()))
+        # large buffers sit after the flatbuffer (their offset and size), small ones inside it
+        return sum(b.Size() or b.DataLength() for b in buffers)
 
 
 def without_delegate_banner():
@@ -21,15 +42,17 @@ def without_delegate_banner():
 class TFLiteBackend(RunnerBackend):
     name = "tflite"
     recipe = "fp32"
+    # the prefill signature outputs every position of its chunk (chapter 7)
+    head_every_position = True
 
     def __init__(self, bundle, prefill_len: int = 64, kv_len: int = 256, threads: int | None = None, root=None):
         from ..device import threads as default_threads
         from ..litert_llama.build import load_or_convert
-        from ..litert_llama.runner import LiteRTRunner
 
         kv_len = min(kv_len, bundle.config.max_position_embeddings)
         prefill_len = min(prefill_len, kv_len)
         self.path, self.info = load_or_convert(bundle, self.recipe, prefill_len, kv_len, root)
+        self.weight_bytes = constant_bytes(self.path)
         self.threads = threads or default_threads()
         self.runner = LiteRTRunner(self.path, num_threads=self.threads, name=self.name)
         with without_delegate_banner():  # the first run creates the XNNPACK delegate

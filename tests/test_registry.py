@@ -1,0 +1,91 @@
+"""The registry (llmbook.backends): one entry per engine, and an engine whose packages are not
+installed reported as BackendUnavailable, naming what to install, by the registry and as one
+`error:` line by the command line.
+
+A missing package is simulated in a fresh interpreter: `sys.modules[name] = None` makes every
+later `import name` (and `import name.sub`) fail as if it were not installed."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from llmbook import backends
+
+HIDE = textwrap.dedent("""\
+    import sys
+    for pkg in {packages!r}:
+        for module in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+            sys.modules[module] = None
+        sys.modules[pkg] = None
+""")
+
+
+def test_every_entry_names_its_class_and_colour():
+    colors = [backends.color(n) for n in backends.names()]
+    assert len(set(colors)) == len(colors)  # no two engines drawn alike
+    for name in backends.names():
+        e = backends.entry(name)
+        assert e.imports and all("." not in p for p in e.imports), name  # top-level packages
+        assert e.module.startswith("llmbook.backends.") and e.needs, name
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        backends.color("nope")
+
+
+def test_options_reach_the_class(toy, monkeypatch):
+    """get_backend builds the class with its entry's options, then the caller's."""
+    entry = backends.Entry("llmbook.backends.hf", "HFBackend", "transformers", ("transformers",),
+                           "k", options={"unknown_option": 1})
+    monkeypatch.setitem(backends.REGISTRY, "hf-with-options", entry)
+    with pytest.raises(TypeError, match="unknown_option"):
+        backends.get_backend("hf-with-options", toy)
+    with pytest.raises(TypeError, match="another_option"):
+        backends.get_backend("hf", toy, another_option=2)
+
+
+@pytest.mark.parametrize("name", backends.names())
+def test_a_missing_package_is_backend_unavailable(name, toy_dir):
+    """The bundle is loaded first (it needs torch and transformers, which `hf` imports too),
+    then the entry's packages are hidden, then the registry is imported and asked."""
+    e = backends.entry(name)
+    script = "\n".join([
+        "from llmbook.checkpoint import load_model",
+        f"bundle = load_model({str(toy_dir)!r})",
+        HIDE.format(packages=e.imports),
+        "from llmbook import backends",
+        f"backends.get_backend({name!r}, bundle)",
+    ])
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode != 0, run.stdout
+    assert last.startswith("llmbook.engine.BackendUnavailable: "), run.stderr[-2000:]
+    assert e.needs in last and all(p in last for p in e.imports), last
+
+
+@pytest.mark.parametrize("name", backends.names())
+def test_a_missing_package_is_one_line_on_the_command_line(name, toy_dir):
+    e = backends.entry(name)
+    wrapper = HIDE.format(packages=e.imports) + "import runpy\nrunpy.run_module('llmbook', run_name='__main__')\n"
+    run = subprocess.run([sys.executable, "-c", wrapper, "compare", "--backend", name, "--model",
+                          str(toy_dir), "--token-ids", "1,2,3", "--steps", "2"],
+                         capture_output=True, text=True)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-2000:]
+    assert f"backend {name!r} needs {e.needs}" in lines[0], lines[0]
+
+
+def test_an_import_error_under_the_engine_or_in_the_book(toy, tmp_path, monkeypatch):
+    """A package the engine's module imports but its entry does not list is reported as
+    unavailable too; an import that fails in the book's own code is a bug, and is raised."""
+    (tmp_path / "ghost_engine.py").write_text("import llmbook_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(backends.REGISTRY, "ghost", backends.Entry(
+        "ghost_engine", "Ghost", "the ghost engine", (), "k"))
+    with pytest.raises(backends.BackendUnavailable, match="backend 'ghost' needs the ghost "
+                                                          "engine: No module named 'llmbook_no"):
+        backends.get_backend("ghost", toy)
+    monkeypatch.setitem(backends.REGISTRY, "broken", backends.Entry(
+        "llmbook.backends.no_such_module", "Broken", "nothing", (), "k"))
+    with pytest.raises(ModuleNotFoundError, match="llmbook.backends.no_such_module"):
+        backends.get_backend("broken", toy)
