@@ -55,20 +55,7 @@ def load_weights(model, weights: dict):
     return model
 
 
-GGUF_TO_MLX = [
-    (r"^token_embd\.", "embedding."),
-    (r"^output_norm\.", "norm."),
-    (r"^output\.", "out_proj."),
-    (r"^blk\.(\d+)\.attn_q\.", r"layers.\1.attention.query_proj."),
-    (r"^blk\.(\d+)\.attn_k\.", r"layers.\1.attention.key_proj."),
-    (r"^blk\.(\d+)\.attn_v\.", r"layers.\1.attention.value_proj."),
-    (r"^blk\.(\d+)\.attn_output\.", r"layers.\1.attention.out_proj."),
-    (r"^blk\.(\d+)\.attn_norm\.", r"layers.\1.norm1."),
-    (r"^blk\.(\d+)\.ffn_norm\.", r"layers.\1.norm2."),
-    (r"^blk\.(\d+)\.ffn_gate\.", r"layers.\1.linear1."),
-    (r"^blk\.(\d+)\.ffn_up\.", r"layers.\1.linear2."),
-    (r"^blk\.(\d+)\.ffn_down\.", r"layers.\1.linear3."),
-]
+from llmbook.gguf_names import hf_name  # the cell above
 
 
 def unpermute_rope_rows(w, n_heads):
@@ -90,12 +77,7 @@ def gguf_to_mlx(path) -> dict:
 
     out = {}
     for t in GGUFReader(path).tensors:
-        for pattern, replacement in GGUF_TO_MLX:
-            name, n = re.subn(pattern, replacement, t.name)
-            if n:
-                break
-        else:
-            raise CheckpointError(f"unexpected GGUF tensor {t.name!r}")
+        name = mlx_name(hf_name(t.name))  # GGUF -> Hugging Face -> MLX
         out[name] = mx.array(dequantize(t.data, t.tensor_type).astype("float32"))
     return out
 
