@@ -14,17 +14,18 @@ from llmbook.checkpoint import TOY_GQA, load_model, random_checkpoint
 from llmbook.cli import main
 from llmbook.generation import greedy
 from llmbook.serving import Request, StepModel, batch_vs_solo, latencies, serve
-from llmbook.tvm_llama.batch import PAGE_SIZE, CacheFull
+from llmbook.engine import PAGE_SIZE, CacheFull
 
 # hidden 40 and ffn 72: the matrix products' sums are not a multiple of 16 lanes
 TOY_ODD = dataclasses.replace(TOY_GQA, hidden_size=40, intermediate_size=72, num_heads=4,
                               num_kv_heads=2, head_dim=10, num_layers=2)
 
 
-@pytest.fixture(scope="module")
-def engine(toy):
-    # libraries from the on-disk cache (built on the first run), as the command line uses them
-    return get_backend("tvm", toy)
+@pytest.fixture(scope="module", params=["tvm", "tvm-q4"])
+def engine(request, toy):
+    # libraries from the on-disk cache (built on the first run), as the command line uses them;
+    # tvm-q4 rounds the toy's weights to 4 bits and batches with its few-token product
+    return get_backend(request.param, toy)
 
 
 def prompts(n, vocab, seed=0):
@@ -32,9 +33,10 @@ def prompts(n, vocab, seed=0):
     return [[int(t) for t in rng.integers(0, vocab, 3 + 7 * i % 23)] for i in range(n)]
 
 
-def test_batched_tokens_equal_solo_runs(engine, toy):
-    result = batch_vs_solo(engine, engine.batch_runner(6, 512), prompts(6, toy.config.vocab_size), 9)
-    assert result["all_match"] and result["sequences"] == 6 and result["steps"] == 9
+@pytest.mark.parametrize("n", [6, 19])  # 4-bit passes of 16 tokens, then 8, 4, 2 and 1
+def test_batched_tokens_equal_solo_runs(engine, toy, n):
+    result = batch_vs_solo(engine, engine.batch_runner(n, 1024), prompts(n, toy.config.vocab_size), 9)
+    assert result["all_match"] and result["sequences"] == n and result["steps"] == 9
 
 
 def test_odd_sizes_match_the_reference(tmp_path):

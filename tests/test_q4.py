@@ -94,3 +94,32 @@ def test_a_bad_gguf_is_one_line(tmp_path, make, message):
     r = run_cli("compare", "--backend", "tvm-q4", "--model", str(path), "--token-ids", "1,2", "--steps", "2")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_products_equal_numpy(bits):
+    """Chapter 9's kernels on the tiles of a Q4_1 (bits=4) or a Q8_0 matrix whose last
+    tile is padded: quant_gemv for one token, and quant_gemm for a few (in passes of 16,
+    8, 4, 2 and 1 tokens), give NumPy's product with the dequantized blocks."""
+    import tvm
+
+    from llmbook.tvm_llama.pipeline import cpu_target
+    from llmbook.tvm_llama.q4 import quant_gemm, quant_gemv
+
+    rng = np.random.default_rng(5)
+    rows, cols = 40, 96  # 40 rows in 4 tiles of 16
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    q = quantize_q4(w) if bits == 4 else quantize_q8(w)
+    dev = tvm.cpu()
+    weights = [tvm.runtime.tensor(a, dev) for a in tile_rows(q).values()]
+    for kernel, tokens in ((quant_gemv(rows, cols, bits), [1]),
+                           (quant_gemm(rows, cols, bits), [1, 3, 16, 17, 31])):
+        module = tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")})
+        run = tvm.compile(module, cpu_target(threads=2))["main"]
+        for m in tokens:
+            x = rng.standard_normal((m, cols)).astype(np.float32)
+            y = tvm.runtime.empty((m, 4 * TILE), "float32", dev)
+            run(tvm.runtime.tensor(x, dev), *weights, y)
+            np.testing.assert_allclose(
+                y.numpy()[:, :rows], x @ q.dequantize().T, rtol=1e-4, atol=1e-4,
+                err_msg=f"{kernel.attrs['global_symbol']}: {m} tokens")

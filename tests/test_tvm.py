@@ -92,13 +92,14 @@ def test_backend_builds_each_chapter_6_model(toy, cls):
     assert greedy(engine, ids, 8) == greedy(ref, ids, 8)
 
 
-def test_backend_refuses_a_model_that_is_not_fp32(toy):
+def test_backend_refuses_a_class_that_is_not_a_tvm_model(toy):
     from llmbook.backends.tvm import TVMBackend
-    from llmbook.tvm_llama.q4 import Q4LlamaForCausalLM
 
-    for cls in (Q4LlamaForCausalLM, HFBackend):
-        with pytest.raises(ValueError, match="not one of chapter 6's fp32 models"):
+    for cls in (HFBackend, "LlamaForCausalLM"):
+        with pytest.raises(ValueError, match="is not a TVM model"):
             TVMBackend(toy, model_cls=cls)
+    with pytest.raises(ValueError, match="bits must be 32 or 4"):
+        TVMBackend(toy, bits=8)
 
 
 def test_library_cache_reused(toy, toy_tvm, lib_root):

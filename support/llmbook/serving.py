@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmbook.engine import pages_for
+
 
 def batch_vs_solo(engine, runner, prompts: list[list[int]], steps: int) -> dict:
     """Each prompt alone on `engine` (prefill, then `steps` greedy decode
@@ -84,7 +86,7 @@ def serve(runner, requests: list[Request], max_batch: int,
     seconds in all, each batched step's seconds and batch size, and the prefill
     seconds."""
     def pages(tokens: int) -> int:
-        return -(-tokens // runner.page_size)
+        return pages_for(tokens, runner.page_size)
 
     def budget(r: Request) -> int:  # pages for its prompt and all its tokens
         return pages(len(r.prompt) + r.max_new_tokens)

@@ -11,17 +11,60 @@ from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
 from tvm.script import tirx as T
 
 CACHE_KERNEL = "batch_decode_paged_kv_cpu"  # the cache's decode kernel, by name
+LOG2E = math.log2(math.e)  # exp(x) = exp2(x * log2 e)
+
+
+@T.inline
+def attend(Q, out, lse, i, head, sm_scale, blocks, size, key, value, block=16):
+    """Chapter 1's online softmax for one query, Q[i, head], into out[i, head]
+    and lse[i, head], over `blocks` blocks of keys: block c holds size(c) keys
+    (at most `block`), and key(c, r, d), value(c, r, d) read its row r. Per
+    block: its scores and their max; when the max rises, one rescale of the
+    running sum and of the running output o; then the weighted values. The
+    query holds log2 e, so that powers of 2 serve as exponentials."""
+    # buffers of the default scope under 1 KB live on the stack ("local" ones
+    # come from TVM's workspace allocator, a call per query and head)
+    q = T.sblock_alloc_buffer((Q.shape[2],), "float32")
+    o = T.sblock_alloc_buffer((Q.shape[2],), "float32")
+    s = T.sblock_alloc_buffer((block,), "float32")  # a block's scores
+    running_max = T.sblock_alloc_buffer((1,), "float32")
+    running_sum = T.sblock_alloc_buffer((1,), "float32")
+    block_max = T.sblock_alloc_buffer((1,), "float32")
+    rescale = T.sblock_alloc_buffer((1,), "float32")
+    for d in T.vectorized(Q.shape[2]):
+        q[d] = Q[i, head, d] * sm_scale * T.float32(LOG2E)
+        o[d] = T.float32(0)
+    running_max[0] = T.float32(-3.0e38)
+    running_sum[0] = T.float32(0)
+    for c in range(blocks):
+        block_max[0] = T.float32(-3.0e38)
+        for r in range(size(c)):
+            s[r] = T.float32(0)
+            for d in range(Q.shape[2]):
+                s[r] += q[d] * key(c, r, d)
+            block_max[0] = T.max(block_max[0], s[r])
+        rescale[0] = T.exp2(running_max[0] - T.max(running_max[0], block_max[0]))
+        running_max[0] = T.max(running_max[0], block_max[0])
+        running_sum[0] *= rescale[0]
+        for d in T.vectorized(Q.shape[2]):
+            o[d] *= rescale[0]
+        for r in range(size(c)):
+            s[r] = T.exp2(s[r] - running_max[0])
+            running_sum[0] += s[r]
+            for d in T.vectorized(Q.shape[2]):
+                o[d] += s[r] * value(c, r, d)
+    for d in T.vectorized(Q.shape[2]):
+        out[i, head, d] = o[d] / running_sum[0]
+    lse[i, head] = running_max[0] + T.log2(running_sum[0])
 
 
 def decode_attention(num_kv_heads: int, num_heads: int, head_dim: int,
                      page_size: int = 16) -> tvm.tirx.PrimFunc:
     """One new query per sequence against its cached keys and values, page by
     page, with the cache kernel's arguments. Threads take (sequence, head)
-    pairs; the head dimension is vectorized. Per page: 16 scores, their max,
-    one rescale of the running output, then the weighted values (the online
-    softmax of chapter 1, a page at a time)."""
+    pairs; the head dimension is vectorized. `attend` runs the online softmax
+    of chapter 1 a page at a time."""
     H, D, group = num_heads, head_dim, num_heads // num_kv_heads
-    log2e = math.log2(math.e)  # exp(x) = exp2(x * log2 e)
 
     @T.prim_func(s_tir=True)
     def decode(q_handle: T.handle, pages_handle: T.handle,
@@ -52,46 +95,21 @@ def decode_attention(num_kv_heads: int, num_heads: int, head_dim: int,
         T.Assert(rotary_mode == 0, "decode attention expects RoPE applied")
         for bh in T.parallel(B * H):
             with T.sblock("attention"):
-                i = T.axis.remap("S", [bh])
-                q = T.sblock_alloc_buffer((D,), "float32", scope="local")
-                o = T.sblock_alloc_buffer((D,), "float32", scope="local")
-                s = T.sblock_alloc_buffer((page_size,), "float32",
-                                          scope="local")
-                # running max, running sum, this page's max, rescale factor
-                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
-                rows = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                for d in T.vectorized(D):
-                    q[d] = Q[i // H, i % H, d] * sm_scale * T.float32(log2e)
-                    o[d] = T.float32(0)
-                st[0] = T.float32(-3.0e38)
-                st[1] = T.float32(0)
-                # the sequence's pages: values[indptr[seq] : indptr[seq + 1]]
-                for p in range(indptr[i // H + 1] - indptr[i // H]):
-                    # positions in this page: all 16 but in the last page
-                    rows[0] = T.if_then_else(
-                        p == indptr[i // H + 1] - indptr[i // H] - 1,
-                        last_len[i // H], page_size)
-                    st[2] = T.float32(-3.0e38)
-                    for r in range(rows[0]):
-                        s[r] = T.float32(0)
-                        for d in range(D):
-                            s[r] += q[d] * pages[values[indptr[i // H] + p], 0,
-                                                 i % H // group, r, d]
-                        st[2] = T.max(st[2], s[r])
-                    st[3] = T.exp2(st[0] - T.max(st[0], st[2]))
-                    st[0] = T.max(st[0], st[2])
-                    st[1] *= st[3]
-                    for d in T.vectorized(D):
-                        o[d] *= st[3]
-                    for r in range(rows[0]):
-                        s[r] = T.exp2(s[r] - st[0])
-                        st[1] += s[r]
-                        for d in T.vectorized(D):
-                            o[d] += s[r] * pages[values[indptr[i // H] + p], 1,
-                                                 i % H // group, r, d]
-                for d in T.vectorized(D):
-                    out[i // H, i % H, d] = o[d] / st[1]
-                lse[i // H, i % H] = st[0] + T.log2(st[1])
+                seq = T.axis.spatial(B, bh // H)
+                head = T.axis.spatial(H, bh % H)
+                # the sequence's pages: values[indptr[seq] : indptr[seq + 1]];
+                # position t is row t % 16 of page t // 16
+                attend(Q, out, lse, seq, head, sm_scale,
+                       indptr[seq + 1] - indptr[seq],
+                       # positions in a page: all 16 but in the last page
+                       lambda p: T.if_then_else(
+                           p == indptr[seq + 1] - indptr[seq] - 1,
+                           last_len[seq], page_size),
+                       lambda p, r, d: pages[values[indptr[seq] + p], 0,
+                                             head // group, r, d],
+                       lambda p, r, d: pages[values[indptr[seq] + p], 1,
+                                             head // group, r, d],
+                       page_size)
 
     return decode.with_attr("global_symbol", CACHE_KERNEL)
 
@@ -104,10 +122,9 @@ def prefill_attention(num_kv_heads: int, num_heads: int,
     """The prompt's queries against the prompt's own keys and values (the
     cache's ragged prefill kernel, with its arguments). Threads take (token,
     head) pairs, and each pair visits only the keys the causal mask lets it
-    see, 16 at a time, with the same online softmax as decode_attention. The
-    cache's kernel runs every pair on one thread, masked keys included."""
+    see, 16 at a time, with decode_attention's `attend`. The cache's kernel
+    runs every pair on one thread, masked keys included."""
     H, D, group, block = num_heads, head_dim, num_heads // num_kv_heads, 16
-    log2e = math.log2(math.e)
 
     @T.prim_func(s_tir=True)
     def prefill(q_handle: T.handle, q_indptr_handle: T.handle,
@@ -134,52 +151,28 @@ def prefill_attention(num_kv_heads: int, num_heads: int,
         T.Assert(rotary_mode == 0, "prefill attention expects RoPE applied")
         for th in T.parallel(n_q * H):
             with T.sblock("attention"):
-                i = T.axis.remap("S", [th])
-                q = T.sblock_alloc_buffer((D,), "float32", scope="local")
-                o = T.sblock_alloc_buffer((D,), "float32", scope="local")
-                s = T.sblock_alloc_buffer((block,), "float32", scope="local")
-                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
-                # [0] the token's sequence, [1] its first key, [2] keys it sees
-                at = T.sblock_alloc_buffer((3,), "int32", scope="local")
-                at[0] = 0
+                token = T.axis.spatial(n_q, th // H)
+                head = T.axis.spatial(H, th % H)
+                # the token's sequence, its first key, the keys it sees
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                first = T.sblock_alloc_buffer((1,), "int32")
+                seen = T.sblock_alloc_buffer((1,), "int32")
+                seq[0] = 0
                 for b in range(B):
-                    if q_indptr[b + 1] <= i // H:
-                        at[0] = b + 1
-                at[1] = kv_indptr[at[0]]
+                    if q_indptr[b + 1] <= token:
+                        seq[0] = b + 1
+                first[0] = kv_indptr[seq[0]]
                 # causal: the sequence's earlier keys (a cached prefix, in the
-                # kv lengths) plus its own up to this token
-                at[2] = T.if_then_else(
-                    causal > 0,
-                    kv_indptr[at[0] + 1] - kv_indptr[at[0]]
-                    - (q_indptr[at[0] + 1] - i // H) + 1,
-                    kv_indptr[at[0] + 1] - kv_indptr[at[0]])
-                for d in T.vectorized(D):
-                    q[d] = Q[i // H, i % H, d] * sm_scale * T.float32(log2e)
-                    o[d] = T.float32(0)
-                st[0] = T.float32(-3.0e38)
-                st[1] = T.float32(0)
-                for c in range((at[2] + block - 1) // block):
-                    st[2] = T.float32(-3.0e38)
-                    for r in range(T.min(block, at[2] - c * block)):
-                        s[r] = T.float32(0)
-                        for d in range(D):
-                            s[r] += q[d] * K[at[1] + c * block + r,
-                                             i % H // group, d]
-                        st[2] = T.max(st[2], s[r])
-                    st[3] = T.exp2(st[0] - T.max(st[0], st[2]))
-                    st[0] = T.max(st[0], st[2])
-                    st[1] *= st[3]
-                    for d in T.vectorized(D):
-                        o[d] *= st[3]
-                    for r in range(T.min(block, at[2] - c * block)):
-                        s[r] = T.exp2(s[r] - st[0])
-                        st[1] += s[r]
-                        for d in T.vectorized(D):
-                            o[d] += s[r] * V[at[1] + c * block + r,
-                                             i % H // group, d]
-                for d in T.vectorized(D):
-                    out[i // H, i % H, d] = o[d] / st[1]
-                lse[i // H, i % H] = st[0] + T.log2(st[1])
+                # kv lengths) and its own up to this token; else all of them
+                seen[0] = kv_indptr[seq[0] + 1] - first[0]
+                if causal > 0:  # less the keys of the prompt's later tokens
+                    seen[0] -= q_indptr[seq[0] + 1] - token - 1
+                attend(Q, out, lse, token, head, sm_scale,
+                       (seen[0] + block - 1) // block,
+                       lambda c: T.min(block, seen[0] - c * block),
+                       lambda c, r, d: K[first[0] + c * block + r, head // group, d],
+                       lambda c, r, d: V[first[0] + c * block + r, head // group, d],
+                       block)
 
     return prefill.with_attr("global_symbol", PREFILL_KERNEL)
 
@@ -223,7 +216,7 @@ def rope(cfg) -> tvm.tirx.PrimFunc:
             with T.sblock("rope"):
                 i = T.axis.remap("S", [t])
                 # dimensions d and d + half turn at the same frequency
-                cs = T.sblock_alloc_buffer((2, half), "float32", scope="local")
+                cs = T.sblock_alloc_buffer((2, half), "float32")  # on the stack
                 for d in range(half):
                     cs[0, d] = T.if_then_else(apply_rope > 0, angle(
                         T.Cast("float32", position_map[i]), d, 0), T.float32(1))
@@ -257,3 +250,13 @@ def with_attention_kernels(mod: tvm.IRModule, cfg) -> tvm.IRModule:
                          (PREFILL_KERNEL, prefill_attention(*heads))):
         mod[mod.get_global_var(name)] = kernel
     return mod
+
+
+class AttentionKernels:
+    """A TVM model mixin: its exported module has this section's kernels in
+    place of the cache's. The 4-bit model of section 4 and chapter 10's fp32
+    model use it."""
+
+    def export_tvm(self, spec, **kwargs):
+        mod, *rest = super().export_tvm(spec, **kwargs)
+        return (with_attention_kernels(mod, self.cfg), *rest)

@@ -11,41 +11,36 @@ from tqdm import tqdm
 from llmbook.checkpoint import LlamaConfig, require_shapes
 
 
+# each fused matrix of the TVM model, and the checkpoint's matrices it stacks
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse(weights: dict, layers, stack) -> dict:
+    """Weights under Hugging Face names -> under the TVM model's: each of `layers`'
+    q/k/v and gate/up stacked by `stack` (a list of matrices -> one matrix), the
+    rest as they are. Chapter 9 stacks 4-bit blocks with it."""
+    w = dict(weights)
+    out = {}
+    for i in layers:
+        p = f"model.layers.{i}."
+        for fused, parts in FUSED.items():
+            out[f"{p}{fused}.weight"] = stack([w.pop(f"{p}{x}.weight") for x in parts])
+    return out | w
+
+
 def hf_to_tvm(
     state_dict: dict, cfg: LlamaConfig, progress: bool = True, **bar
 ) -> dict[str, np.ndarray]:
     """TVM parameter name -> fp32 array. `bar` goes to tqdm (e.g. file=sys.stdout)."""
     sd = {k: np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}
-    out = {
-        "model.embed_tokens.weight": sd.pop("model.embed_tokens.weight"),
-        "model.norm.weight": sd.pop("model.norm.weight"),
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = sd.pop("lm_head.weight")
-    for i in tqdm(
-        range(cfg.num_layers),
-        desc="converting",
-        unit="layer",
-        disable=not progress,
-        **bar,
-    ):
-        p = f"model.layers.{i}."
-        out[p + "self_attn.qkv_proj.weight"] = np.concatenate(
-            [sd.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"], axis=0
-        )
-        out[p + "mlp.gate_up_proj.weight"] = np.concatenate(
-            [sd.pop(p + "mlp.gate_proj.weight"), sd.pop(p + "mlp.up_proj.weight")],
-            axis=0,
-        )
-        for name in (
-            "self_attn.o_proj.weight",
-            "mlp.down_proj.weight",
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-        ):
-            out[p + name] = sd.pop(p + name)
-    if sd:
-        raise ValueError(f"weights not used by the TVM model: {sorted(sd)[:3]}")
+    layers = tqdm(range(cfg.num_layers), desc="converting", unit="layer",
+                  disable=not progress, **bar)
+    out = fuse(sd, layers, np.concatenate)
+    if unused := sorted(out.keys() - tvm_shapes(cfg).keys()):
+        raise ValueError(f"weights not used by the TVM model: {unused[:3]}")
     return out
 
 

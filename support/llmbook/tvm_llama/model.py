@@ -12,6 +12,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from llmbook.checkpoint import LlamaConfig
+from llmbook.tvm_llama.convert import hf_to_tvm  # section 3
 
 
 class LlamaFFN(nn.Module):
@@ -90,12 +91,21 @@ class LlamaForCausalLM(nn.Module):
     """The whole decoder as TVM functions: embed, prefill, decode,
     create_tir_paged_kv_cache."""
 
+    quantized = False  # fp32: the reference's own numbers, to rounding
+    source = None  # what it runs when not the checkpoint's weights (chapter 9)
+    rounded = None  # weights it rounded itself, to check it against (chapter 9)
+
     def __init__(self, cfg: LlamaConfig, target: tvm.target.Target):
         self.cfg, self.target = cfg, target
         self.model = LlamaModel(cfg)
         # tied: the head *is* the embedding table (see logits)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def weights_from(self, bundle) -> dict:
+        """This model's parameters, by name, from a checkpoint: each model class
+        lays out its own weights. Here q/k/v and gate/up are stacked (section 3)."""
+        return hf_to_tvm(bundle.state_dict, self.cfg, progress=False)
 
     def logits(self, x: Tensor) -> Tensor:
         if self.cfg.tie_word_embeddings:

@@ -1,87 +1,139 @@
 # Generated from notebooks/06_tvm.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
-"""One sequence through the compiled model: the paged KV cache's life cycle around embed
-/ prefill / decode. Written in notebooks/06_tvm.ipynb."""
+"""Sequences in the compiled model's paged KV cache, and one sequence as a batch of
+one: the cache's life cycle around embed / prefill / decode. Written in
+notebooks/06_tvm.ipynb."""
 
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.runtime import ShapeTuple
 
-from llmbook.engine import check_tokens
+from llmbook.engine import PAGE_SIZE, CacheFull, check_tokens, pages_for
 
 
 class TVMRunner:
-    def __init__(
-        self,
-        module,
-        params: list,
-        dev,
-        vocab_size: int,
-        max_context: int = 2048,
-        page_size: int = 16,
-        name: str = "tvm",
-    ):
-        self.name = name  # what its errors call it
+    """Sequences, by id, in one paged KV cache. `add` prefills a new sequence's
+    prompt, `step` gives one new token to each of several sequences, `fork` starts a
+    sequence that shares another's tokens (and its full pages), `remove` gives a
+    sequence's pages back. `prefill`, `decode` and `reset` are the book's Backend
+    interface: one sequence (id 0), a batch of one."""
+
+    def __init__(self, module, params: list, dev, vocab_size: int,
+                 max_context: int = 2048, max_batch: int = 1,
+                 max_tokens: int | None = None, name: str = "tvm"):
+        # max_context: one sequence, and one prefill call; max_tokens: all of the
+        # sequences together (default: one full context)
         self.vm = relax.VirtualMachine(module, dev)
-        self.params, self.dev, self.vocab_size, self.max_context = (
-            params,
-            dev,
-            vocab_size,
-            max_context,
-        )
-        self._embed, self._prefill, self._decode = (
-            self.vm["embed"],
-            self.vm["prefill"],
-            self.vm["decode"],
-        )
-        self.kv = {
-            name: tvm.get_global_func(f"vm.builtin.kv_state_{name}")
-            for name in (
-                "add_sequence",
-                "remove_sequence",
-                "begin_forward",
-                "end_forward",
-            )
-        }
-        # one sequence; the whole context may be prefilled in one chunk
+        self.params, self.dev, self.name = params, dev, name
+        self.vocab_size, self.max_context = vocab_size, max_context
+        self.max_batch, self.page_size = max_batch, PAGE_SIZE
+        self._embed, self._prefill = self.vm["embed"], self.vm["prefill"]
+        self._decode = self.vm["decode"]  # one token of one sequence
+        # one token for each of many sequences: chapter 10's models export it
+        has_batch = self.vm.module.implements_function("batch_decode")
+        self._batch_decode = self.vm["batch_decode"] if has_batch else None
+        kv = ("add_sequence", "remove_sequence", "fork_sequence",
+              "begin_forward", "end_forward")
+        self.kv = {n: tvm.get_global_func("vm.builtin.kv_state_" + n) for n in kv}
+        self._available = tvm.get_global_func(
+            "vm.builtin.attention_kv_cache_get_num_available_pages")
+        sizes = (max_batch, max_tokens or max_context, max_context, PAGE_SIZE)
         self.cache = self.vm["create_tir_paged_kv_cache"](
-            ShapeTuple([1]),
-            ShapeTuple([max_context]),
-            ShapeTuple([max_context]),
-            ShapeTuple([page_size]),
-        )
-        self.length = None
-        self.reset()
+            *(ShapeTuple([n]) for n in sizes))
+        self.total_pages = self.free_pages()
+        self.lengths: dict[int, int] = {}  # sequence id -> tokens in the cache
 
-    def reset(self):
-        if self.length is not None:
-            self.kv["remove_sequence"](self.cache, 0)
-        self.kv["add_sequence"](self.cache, 0)
-        self.length = 0
+    def free_pages(self) -> int:
+        return int(self._available(self.cache))
 
-    def _forward(self, fn, ids: list[int]) -> np.ndarray:
-        # checked first: `embed` would clip an id past the vocabulary to its
-        # last row, silently
-        ids = check_tokens(
-            ids, self.vocab_size, self.length, self.max_context, self.name
-        )
-        x = self._embed(
-            tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self.dev), self.params
-        )
-        self.kv["begin_forward"](self.cache, ShapeTuple([0]), ShapeTuple([len(ids)]))
+    def _need(self, pages: int):
+        if pages > (free := self.free_pages()):
+            raise CacheFull(f"{self.name}: the KV cache has {free} free pages "
+                            f"of {PAGE_SIZE} tokens, and this needs {pages}")
+
+    def _run(self, fn, x, new_tokens: dict[int, int]) -> np.ndarray:
+        # the rows of x follow the order of the ids given to begin_forward:
+        # nothing in TVM checks it
+        self.kv["begin_forward"](self.cache, ShapeTuple(list(new_tokens)),
+                                 ShapeTuple(list(new_tokens.values())))
         logits, _ = fn(x, self.cache, self.params)
         self.kv["end_forward"](self.cache)
-        self.length += len(ids)
-        return logits.numpy()[0, -1]
+        for seq, n in new_tokens.items():
+            self.lengths[seq] += n
+        return logits.numpy()
+
+    def _embedded(self, ids: list[int]):
+        tokens = tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self.dev)
+        return self._embed(tokens, self.params)
+
+    def add(self, seq: int, ids) -> np.ndarray:
+        """A new sequence: prefill its prompt; the last position's logits."""
+        if seq in self.lengths:
+            raise ValueError(f"{self.name}: sequence {seq} is already cached")
+        if len(self.lengths) >= self.max_batch:
+            raise CacheFull(f"{self.name}: the cache holds at most "
+                            f"{self.max_batch} sequences")
+        # checked first: `embed` would clip an id past the vocabulary to its
+        # last row, silently
+        ids = check_tokens(ids, self.vocab_size, 0, self.max_context, self.name)
+        self._need(pages_for(len(ids)))
+        self.kv["add_sequence"](self.cache, seq)
+        self.lengths[seq] = 0
+        return self._run(self._prefill, self._embedded(ids), {seq: len(ids)})[0, -1]
+
+    def fork(self, parent: int, child: int):
+        """`child` continues from all of `parent`'s tokens, sharing pages."""
+        if parent not in self.lengths or child in self.lengths:
+            raise ValueError(f"{self.name}: cannot fork {parent} into {child}")
+        self.kv["fork_sequence"](self.cache, parent, child, -1)  # -1: all of it
+        self.lengths[child] = self.lengths[parent]
+
+    def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
+        """One decode step for several sequences at once:
+        {sequence: its next token} -> {sequence: logits}."""
+        for seq, token in tokens.items():
+            if seq not in self.lengths:
+                raise ValueError(f"{self.name}: no sequence {seq} in the cache")
+            check_tokens([token], self.vocab_size, self.lengths[seq],
+                         self.max_context, self.name)
+        # a sequence whose last page is full needs a fresh one
+        self._need(sum(self.lengths[s] % PAGE_SIZE == 0 for s in tokens))
+        if len(tokens) == 1:  # the single-token function: static shapes, fastest
+            (seq, token), = tokens.items()
+            logits = self._run(self._decode, self._embedded([token]), {seq: 1})
+            return {seq: logits[0, -1]}
+        if self._batch_decode is None:
+            raise ValueError(f"{self.name}: this library decodes one sequence at a "
+                             "time (it has no batch_decode)")
+        x = tvm.runtime.tensor(np.asarray(list(tokens.values()), np.int32), self.dev)
+        logits = self._run(self._batch_decode, x, {seq: 1 for seq in tokens})
+        return {seq: logits[i, -1] for i, seq in enumerate(tokens)}
+
+    def remove(self, seq: int):
+        if seq not in self.lengths:
+            raise ValueError(f"{self.name}: no sequence {seq} in the cache")
+        self.kv["remove_sequence"](self.cache, seq)
+        del self.lengths[seq]
+
+    # one sequence: the Backend interface
+    def reset(self):
+        """Forget sequence 0; a decode then starts it anew."""
+        if 0 in self.lengths:
+            self.remove(0)
+        self.kv["add_sequence"](self.cache, 0)
+        self.lengths[0] = 0
 
     def prefill(self, ids) -> np.ndarray:
         """Forget the sequence, run the prompt, return the last position's logits."""
         # before forgetting
         check_tokens(ids, self.vocab_size, 0, self.max_context, self.name)
-        self.reset()
-        return self._forward(self._prefill, ids)
+        if 0 in self.lengths:
+            self.remove(0)
+        return self.add(0, ids)
 
     def decode(self, token) -> np.ndarray:
-        return self._forward(self._decode, [token])
+        if 0 not in self.lengths:
+            self.reset()  # a decode with nothing cached starts the sequence
+        return self.step({0: token})[0]

@@ -8,14 +8,11 @@ tile of 4 tokens x 4 tiles. Written in notebooks/06_tvm.ipynb."""
 import functools
 
 import numpy as np
-import tvm
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
-from llmbook.checkpoint import require_shapes
-from llmbook.tvm_llama.convert import tvm_shapes
 from llmbook.tvm_llama.model import LlamaForCausalLM
 
 TILE = 16  # weight rows side by side: 16 fp32 lanes fill one 512-bit vector
@@ -173,12 +170,8 @@ class TiledLlamaForCausalLM(LlamaForCausalLM):
         rows = self.model.embed_tokens.lookup(op.reshape(input_ids, [-1]))
         return op.reshape(rows, [1, input_ids.shape[1], self.cfg.hidden_size])
 
-
-def to_device_tiled(weights: dict, names: list[str], cfg, dev) -> list:
-    """hf_to_tvm's parameters, checked, every matrix tiled (the norms are
-    vectors and stay), in the compiled functions' order, on `dev`."""
-    require_shapes({k: v.shape for k, v in weights.items()}, tvm_shapes(cfg))
-    return [
-        tvm.runtime.tensor(tile_matrix(w) if w.ndim == 2 else w, dev)
-        for w in (weights[n] for n in names)
-    ]
+    def weights_from(self, bundle) -> dict:
+        """Section 3's parameters with every matrix in tiles (the norms are vectors
+        and stay)."""
+        weights = super().weights_from(bundle)
+        return {n: tile_matrix(w) if w.ndim == 2 else w for n, w in weights.items()}

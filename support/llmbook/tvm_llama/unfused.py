@@ -5,6 +5,7 @@
 have their own matrix, as in the checkpoint. Written in notebooks/06_tvm.ipynb, to
 measure what fusing them buys."""
 
+import numpy as np
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
@@ -59,3 +60,7 @@ class UnfusedLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(cfg, target)
         for layer in self.model.layers:
             layer.self_attn, layer.mlp = UnfusedAttention(cfg), UnfusedFFN(cfg)
+
+    def weights_from(self, bundle) -> dict:
+        """The checkpoint's own tensors, by their names in the file."""
+        return {n: np.asarray(w, np.float32) for n, w in bundle.state_dict.items()}
