@@ -6,6 +6,8 @@ disagreement does not make every later position differ.
 """
 import numpy as np
 
+from .engine import BackendBase
+
 
 def log_softmax(logits) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
@@ -44,10 +46,13 @@ def teacher_forced(backend, ids) -> np.ndarray:
     every engine in the book is measured the same way; the text must fit in its context. A backend
     whose `text_logits` gives the rows (the transformers reference) computes them all in one
     forward pass instead: the same causal arithmetic, equal to the step-by-step rows to fp32
-    rounding. Other backends' `text_logits` is llmbook.engine.BackendBase's: None."""
+    rounding. Other backends' `text_logits` is llmbook.engine.BackendBase's: None; any other
+    object with the Backend protocol's prefill and decode is fed token by token."""
     if len(ids) > backend.max_context:
         raise ValueError(f"{len(ids)} tokens exceed the context of {backend.max_context} of {backend.name!r}")
-    if (rows := backend.text_logits(list(ids))) is not None:
+    # the optional member is declared by BackendBase; an engine-side runner used as a
+    # backend (chapter 7's LiteRTRunner) has only the protocol's prefill and decode
+    if isinstance(backend, BackendBase) and (rows := backend.text_logits(list(ids))) is not None:
         return np.asarray(rows, dtype=np.float32)
     rows = [backend.prefill(list(ids[:1]))]
     rows += [backend.decode(int(t)) for t in ids[1:]]

@@ -11,6 +11,7 @@ import tempfile
 
 # at import, so that a machine without TVM gets BackendUnavailable from the registry
 import tvm
+from tvm.relax.frontend import nn
 
 from . import BackendUnavailable, RoundedWeights, RunnerBackend, step_weight_bytes
 from ..checkpoint import require_shapes
@@ -62,9 +63,13 @@ class TVMBackend(RoundedWeights, RunnerBackend):
                  root=None, model_cls: type | None = None, bits: int = 32, schedule: bool = True,
                  fast_math: bool = True, name: str | None = None):
         model_cls = model_cls or default_model(device, bits)
-        if not (isinstance(model_cls, type) and issubclass(model_cls, LlamaForCausalLM)):
+        # by what it does, not by its class: a chapter's cell defines its own copy of the
+        # package's classes
+        if not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module)
+                and callable(getattr(model_cls, "weights_from", None))):
             raise ValueError(f"TVM backend: {getattr(model_cls, '__name__', model_cls)} is not a "
-                             f"TVM model (a subclass of chapter 6's LlamaForCausalLM)")
+                             f"TVM model (an nn.Module with weights_from, as chapter 6's "
+                             f"LlamaForCausalLM)")
         target, dev = target_and_device(device, fast_math)
         cfg = bundle.config
         model = model_cls(cfg, target)
