@@ -100,7 +100,7 @@ class TVMRunner:
                          self.max_context, self.name)
         # a sequence whose last page is full needs a fresh one
         self._need(sum(self.lengths[s] % PAGE_SIZE == 0 for s in tokens))
-        if len(tokens) == 1:  # the single-token function: static shapes, fastest
+        if len(tokens) == 1:  # the compiled decode: its shapes fixed at one token
             (seq, token), = tokens.items()
             logits = self._run(self._decode, self._embedded([token]), {seq: 1})
             return {seq: logits[0, -1]}
