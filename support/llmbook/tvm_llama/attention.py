@@ -10,6 +10,8 @@ import tvm
 from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
 from tvm.script import tirx as T
 
+from llmbook.engine import PAGE_SIZE  # chapter 3: the cache's page, 16 positions
+
 CACHE_KERNEL = "batch_decode_paged_kv_cpu"  # the cache's decode kernel, by name
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x * log2 e)
 
@@ -59,7 +61,7 @@ def attend(Q, out, lse, i, head, sm_scale, blocks, size, key, value, block=16):
 
 
 def decode_attention(num_kv_heads: int, num_heads: int, head_dim: int,
-                     page_size: int = 16) -> tvm.tirx.PrimFunc:
+                     page_size: int = PAGE_SIZE) -> tvm.tirx.PrimFunc:
     """One new query per sequence against its cached keys and values, page by
     page, with the cache kernel's arguments. Threads take (sequence, head)
     pairs; the head dimension is vectorized. `attend` runs the online softmax
