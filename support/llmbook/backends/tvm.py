@@ -94,7 +94,7 @@ class TVMBackend(RoundedWeights, RunnerBackend):
     def batch_runner(self, max_batch: int, max_tokens: int) -> TVMRunner:
         """Many sequences in one paged cache, decoded together (chapter 10), on the same
         library and weights."""
-        if self.runner._batch_decode is None:
+        if not self.runner.batched:
             raise BackendUnavailable(f"{self.name}: this model has no batched decode (chapter "
                                      f"10's models have; this one runs one sequence at a time)")
         r = self.runner

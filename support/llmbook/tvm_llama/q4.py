@@ -16,7 +16,7 @@ from llmbook.quant import GROUP, Q4Matrix, four_bit
 from llmbook.tvm_llama.attention import AttentionKernels  # section 5
 from llmbook.tvm_llama.convert import fuse  # chapter 6
 from llmbook.tvm_llama.tiled import (TILE, TiledLlamaForCausalLM,  # chapter 6
-                                     tiled_product, tiles)
+                                     tile_product, tiled_product, tiles)
 
 def tile_rows(m) -> dict[str, np.ndarray]:
     """A Q4Matrix or Q8Matrix in tiles of 16 rows, one row per vector lane:
@@ -216,8 +216,8 @@ def quant_gemm(rows: int, cols: int, bits: int) -> tirx.PrimFunc:
                 vt = T.axis.remap("S", [t])
                 for p in range(m // TOKENS):
                     tokens(x, codes, scale, minimum, y, vt, p * TOKENS, TOKENS, 1)
-                if m % 16 >= 8:
-                    tokens(x, codes, scale, minimum, y, vt, m - m % 16, 8, 1)
+                if m % TOKENS >= 8:
+                    tokens(x, codes, scale, minimum, y, vt, m - m % TOKENS, 8, 1)
                 if m % 8 >= 4:
                     tokens(x, codes, scale, minimum, y, vt, m - m % 8, 4, 2)
                 if m % 4 >= 2:
@@ -266,23 +266,6 @@ def one_per_sequence(x: Tensor) -> bool:
     return len(x.shape) == 3 and isinstance(x.shape[1], int) and x.shape[1] == 1
 
 
-def unpad(y: Tensor, rows: int) -> Tensor:
-    """The first `rows` outputs (a last tile may hold zero rows past them)."""
-    return y if y.shape[-1] == rows else op.split(y, [rows], axis=-1)[0]
-
-
-def quant_product(kernel: tirx.PrimFunc, x: Tensor, weights: list,
-                  rows: int) -> Tensor:
-    """x [..., cols] times a matrix in tiles by `kernel` (quant_gemv or
-    quant_gemm, which take x as [tokens, cols]) -> [..., rows]."""
-    *lead, cols = x.shape
-    flat = op.reshape(x, [-1, cols])
-    padded = weights[0].shape[0] * TILE
-    y = Tensor.placeholder([flat.shape[0], padded], "float32")
-    y = op.tensor_ir_op(kernel, kernel.attrs["global_symbol"], [flat, *weights], y)
-    return unpad(op.reshape(y, [*lead, padded]), rows)
-
-
 class Q4Linear(nn.Module):
     """x W^T with W in 4-bit tiles."""
 
@@ -297,9 +280,9 @@ class Q4Linear(nn.Module):
         w = [self.codes, self.scale, self.minimum]
         rows, cols = self.out_features, self.in_features
         if one_token(x):  # decode: 4-bit weights, dequantized in the product
-            return quant_product(quant_gemv(rows, cols, 4), x, w, rows)
+            return tile_product(quant_gemv(rows, cols, 4), x, w, rows)
         if one_per_sequence(x):  # a batch of decodes: each weight unpacked once
-            return quant_product(quant_gemm(rows, cols, 4), x, w, rows)
+            return tile_product(quant_gemm(rows, cols, 4), x, w, rows)
         # prefill, many tokens of one sequence: dequantize once into fp32
         # tiles, then multiply
         dense = op.tensor_expr_op(q4_dequantize, "q4_dequantize", w)
@@ -322,7 +305,7 @@ class Q8Table(nn.Module):
         # x @ table.T, the head: one position per sequence (prefill keeps only
         # the last), so one token or a few
         kernel = (quant_gemv if one_token(x) else quant_gemm)(self.rows, self.cols, 8)
-        return quant_product(kernel, x, [self.codes, self.scale], self.rows)
+        return tile_product(kernel, x, [self.codes, self.scale], self.rows)
 
 
 class Q4LlamaForCausalLM(AttentionKernels, TiledLlamaForCausalLM):

@@ -45,6 +45,11 @@ class TVMRunner:
         self.total_pages = self.free_pages()
         self.lengths: dict[int, int] = {}  # sequence id -> tokens in the cache
 
+    @property
+    def batched(self) -> bool:
+        """Whether the library decodes many sequences in one step (batch_decode)."""
+        return self._batch_decode is not None
+
     def free_pages(self) -> int:
         return int(self._available(self.cache))
 

@@ -95,17 +95,23 @@ def tiled_matmul(n: int, cols: int) -> tirx.PrimFunc:
     return tiled_matmul.with_attr("global_symbol", f"tiled_matmul_{n}x{cols}")
 
 
-def tiled_product(x: Tensor, weight: Tensor, rows: int) -> Tensor:
-    """x [..., cols] times a tiled [tiles, cols, 16] matrix -> [..., rows]."""
+def tile_product(kernel: tirx.PrimFunc, x: Tensor, weights: list, rows: int) -> Tensor:
+    """x [..., cols] times a matrix in tiles of 16 rows by `kernel`, which takes x as
+    [tokens, cols] and the matrix as `weights` (its tiles first), and gives [tokens,
+    tiles * 16] -> [..., rows]: a last tile's zero rows are cut off. Chapter 9's 4-bit
+    kernels run through it too."""
     *lead, cols = x.shape
-    n = weight.shape[0]
+    padded = weights[0].shape[0] * TILE
     flat = op.reshape(x, [-1, cols])
-    y = Tensor.placeholder([flat.shape[0], n * TILE], "float32")
-    y = op.reshape(
-        op.tensor_ir_op(tiled_matmul(n, cols), "tiled_matmul", [flat, weight], y),
-        [*lead, n * TILE],
-    )
-    return y if n * TILE == rows else op.split(y, [rows], axis=-1)[0]
+    y = Tensor.placeholder([flat.shape[0], padded], "float32")
+    y = op.tensor_ir_op(kernel, kernel.attrs["global_symbol"], [flat, *weights], y)
+    y = op.reshape(y, [*lead, padded])
+    return y if padded == rows else op.split(y, [rows], axis=-1)[0]
+
+
+def tiled_product(x: Tensor, weight: Tensor, rows: int) -> Tensor:
+    """x [..., cols] times a tiled [tiles, cols, 16] fp32 matrix -> [..., rows]."""
+    return tile_product(tiled_matmul(weight.shape[0], x.shape[-1]), x, [weight], rows)
 
 
 class TiledLinear(nn.Module):
