@@ -4,6 +4,7 @@
     python -m llmbook compare --backend mlx --token-ids 1,2,3 --steps 20 --model path/to/checkpoint
     python -m llmbook bench --model path/to/checkpoint --backends hf,tvm --out bench-results
     python -m llmbook batch --backend tvm --sequences 16 --steps 32
+    python -m llmbook serve --backend tvm-q4 --port 8000
 """
 from __future__ import annotations
 
@@ -25,6 +26,23 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
+    return n
+
+
+def port_number(text: str) -> int:
+    n = non_negative_int(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0 to 65535), got {n}")
     return n
 
 
@@ -99,6 +117,28 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--cache-tokens", type=positive_int, default=None,
                     help="tokens the paged KV cache holds (default: just enough for all sequences)")
 
+    sv = sub.add_parser("serve", parents=[common],
+                        help="an OpenAI-compatible HTTP server (chapter 11)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: this machine only)")
+    sv.add_argument("--port", type=port_number, default=8000)
+    sv.add_argument("--max-batch", type=positive_int, default=16,
+                    help="requests decoded together (engines without a batched decode: 1)")
+    sv.add_argument("--cache-tokens", type=positive_int, default=16384,
+                    help="tokens the paged KV cache holds, all requests together")
+    sv.add_argument("--prefill-chunk", type=non_negative_int, default=0,
+                    help="prompt tokens prefilled per step, in chunks (0: each prompt whole)")
+    sv.add_argument("--prefix-entries", type=non_negative_int, default=8,
+                    help="prompt prefixes kept in the cache for reuse (0: no prefix cache)")
+    sv.add_argument("--static", action="store_true",
+                    help="static batching: admit requests only when the batch is empty")
+    sv.add_argument("--max-waiting", type=positive_int, default=256,
+                    help="requests queued beyond the batch; more get 503 with Retry-After")
+    sv.add_argument("--served-name", default=None,
+                    help="the model name requests must give (default: the checkpoint's)")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="seconds the requests in flight get to finish after SIGTERM")
+
     sub.add_parser("prepare", help="convert SmolLM2 from its GGUF into the on-disk cache")
     return ap
 
@@ -161,6 +201,21 @@ def batch(args) -> int:
     return 0 if result["all_match"] else 1
 
 
+def serve(args) -> int:
+    import logging
+
+    from .server.api import ServerConfig, run
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if args.cache_tokens < PAGE_SIZE:
+        raise ValueError(f"--cache-tokens {args.cache_tokens} is less than one page of "
+                         f"{PAGE_SIZE} tokens")
+    bundle = load_model(args.model)  # a bad checkpoint is one line now, not in a thread
+    config = ServerConfig(args.backend, args.max_batch, args.cache_tokens, args.prefill_chunk,
+                          args.prefix_entries, args.static, args.max_waiting)
+    return run(bundle, config, args.host, args.port, args.served_name, args.shutdown_timeout)
+
+
 def prompt_ids(bundle, args) -> list[int]:
     if (args.prompt is None) == (args.token_ids is None):
         raise ValueError("give exactly one of --prompt and --token-ids")
@@ -184,6 +239,8 @@ def run(args) -> int:
         return bench(args)
     if args.command == "batch":
         return batch(args)
+    if args.command == "serve":
+        return serve(args)
     bundle = load_model(args.model)
     ids = prompt_ids(bundle, args)
     engine = backends.get_backend(args.backend, bundle)

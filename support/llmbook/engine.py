@@ -86,12 +86,17 @@ class BatchRunner(Protocol):
     def add(self, seq: int, ids) -> np.ndarray:
         """A new sequence: prefill its prompt; logits [vocab] of its last position."""
 
+    def extend(self, seq: int, ids) -> np.ndarray:
+        """More tokens for a cached sequence in one call (the next chunk of a long
+        prompt, or a prompt's rest after a shared prefix); logits of the last."""
+
     def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
         """One decode step for several sequences in one call: {sequence: its next
         token} -> {sequence: logits [vocab]}."""
 
-    def fork(self, parent: int, child: int) -> None:
-        """`child` continues from all of `parent`'s tokens, sharing its full pages."""
+    def fork(self, parent: int, child: int, at: int | None = None) -> None:
+        """`child` continues from `parent`'s first `at` tokens (all by default),
+        sharing their full pages."""
 
     def remove(self, seq: int) -> None:
         """Forget the sequence and free its pages."""

@@ -80,20 +80,40 @@ class TVMRunner:
         if len(self.lengths) >= self.max_batch:
             raise CacheFull(f"{self.name}: the cache holds at most "
                             f"{self.max_batch} sequences")
-        # checked first: `embed` would clip an id past the vocabulary to its
-        # last row, silently
-        ids = check_tokens(ids, self.vocab_size, 0, self.max_context, self.name)
+        # checked before the sequence exists: a bad prompt leaves nothing behind
+        check_tokens(ids, self.vocab_size, 0, self.max_context, self.name)
         self._need(pages_for(len(ids)))
         self.kv["add_sequence"](self.cache, seq)
         self.lengths[seq] = 0
+        return self.extend(seq, ids)
+
+    def extend(self, seq: int, ids) -> np.ndarray:
+        """More tokens for a cached sequence in one prefill call: the next chunk
+        of a long prompt, or a prompt's rest after a prefix it shares. The
+        prefill's attention sees the cached tokens before the new ones."""
+        if seq not in self.lengths:
+            raise ValueError(f"{self.name}: no sequence {seq} in the cache")
+        # checked first: `embed` would clip an id past the vocabulary to its
+        # last row, silently
+        ids = check_tokens(ids, self.vocab_size, self.lengths[seq],
+                           self.max_context, self.name)
+        n = self.lengths[seq]
+        self._need(pages_for(n + len(ids)) - pages_for(n))
         return self._run(self._prefill, self._embedded(ids), {seq: len(ids)})[0, -1]
 
-    def fork(self, parent: int, child: int):
-        """`child` continues from all of `parent`'s tokens, sharing pages."""
+    def fork(self, parent: int, child: int, at: int | None = None):
+        """`child` continues from `parent`'s first `at` tokens (all of them by
+        default): it shares their full pages, and the cache copies a part-filled
+        last page."""
         if parent not in self.lengths or child in self.lengths:
             raise ValueError(f"{self.name}: cannot fork {parent} into {child}")
-        self.kv["fork_sequence"](self.cache, parent, child, -1)  # -1: all of it
-        self.lengths[child] = self.lengths[parent]
+        at = self.lengths[parent] if at is None else at
+        if not 0 < at <= self.lengths[parent]:
+            raise ValueError(f"{self.name}: cannot fork {parent} at {at} of its "
+                             f"{self.lengths[parent]} tokens")
+        self._need(at % PAGE_SIZE > 0)  # a copy of a part-filled page
+        self.kv["fork_sequence"](self.cache, parent, child, at)
+        self.lengths[child] = at
 
     def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
         """One decode step for several sequences at once:
