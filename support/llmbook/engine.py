@@ -78,6 +78,7 @@ class BatchRunner(Protocol):
     name: str  # the engine's name, for the error messages
     page_size: int  # tokens a page of the cache holds
     max_batch: int  # most sequences in the cache at once
+    max_context: int  # most tokens of one sequence, and of one prefill call
     lengths: dict[int, int]  # sequence id -> tokens it has in the cache
 
     def free_pages(self) -> int:
@@ -93,6 +94,10 @@ class BatchRunner(Protocol):
     def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
         """One decode step for several sequences in one call: {sequence: its next
         token} -> {sequence: logits [vocab]}."""
+
+    def extend_many(self, chunks: dict[int, list[int]]) -> dict[int, np.ndarray]:
+        """`extend` (or `add`, for a sequence not yet cached) for several sequences,
+        in one call where the engine can: {sequence: ids} -> {sequence: logits}."""
 
     def fork(self, parent: int, child: int, at: int | None = None) -> None:
         """`child` continues from `parent`'s first `at` tokens (all by default),

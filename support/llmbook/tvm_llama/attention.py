@@ -179,6 +179,77 @@ def prefill_attention(num_kv_heads: int, num_heads: int,
     return prefill.with_attr("global_symbol", PREFILL_KERNEL)
 
 
+PAGED_PREFILL_KERNEL = "batch_prefill_paged_kv_cpu"  # the cache's, by name
+
+
+def paged_prefill_attention(num_kv_heads: int, num_heads: int, head_dim: int,
+                            page_size: int = PAGE_SIZE) -> tvm.tirx.PrimFunc:
+    """New tokens' queries against their sequences' cached pages (the cache's
+    paged prefill kernel, with its arguments). Threads take (token, head) pairs;
+    each visits only its sequence's pages, with `attend`."""
+    H, D, group = num_heads, head_dim, num_heads // num_kv_heads
+
+    @T.prim_func(s_tir=True)
+    def prefill(q_handle: T.handle, q_indptr_handle: T.handle,
+                pages_handle: T.handle, indptr_handle: T.handle,
+                values_handle: T.handle, last_len_handle: T.handle,
+                k_rope_handle: T.handle, q_rope_handle: T.handle,
+                out_handle: T.handle, lse_handle: T.handle, causal: T.int32,
+                rotary_mode: T.int32, rope_scale: T.float32,
+                rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B, n_q, n_pages, n_used = T.int32(), T.int32(), T.int32(), T.int32()
+        off0, off1, off2, off3, off4, off5 = (T.int32(), T.int32(), T.int32(),
+                                              T.int32(), T.int32(), T.int32())
+        Q = T.match_buffer(q_handle, (n_q, H, D), "float32")
+        q_indptr = T.match_buffer(q_indptr_handle, (B + 1,), "int32",
+                                  elem_offset=off0)
+        pages = T.match_buffer(
+            pages_handle, (n_pages, 2, num_kv_heads, page_size, D), "float32")
+        indptr = T.match_buffer(indptr_handle, (B + 1,), "int32",
+                                elem_offset=off1)
+        values = T.match_buffer(values_handle, (n_used,), "int32",
+                                elem_offset=off2)
+        last_len = T.match_buffer(last_len_handle, (B,), "int32",
+                                  elem_offset=off3)
+        T.match_buffer(k_rope_handle, (B,), "int32", elem_offset=off4)
+        T.match_buffer(q_rope_handle, (n_q,), "int32", elem_offset=off5)
+        out = T.match_buffer(out_handle, (n_q, H, D), "float32")
+        lse = T.match_buffer(lse_handle, (n_q, H), "float32")
+        T.Assert(rotary_mode == 0, "paged prefill attention expects RoPE applied")
+        for th in T.parallel(n_q * H):
+            with T.sblock("attention"):
+                token = T.axis.spatial(n_q, th // H)
+                head = T.axis.spatial(H, th % H)
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                seen = T.sblock_alloc_buffer((1,), "int32")
+                seq[0] = 0
+                for b in range(B):
+                    if q_indptr[b + 1] <= token:
+                        seq[0] = b + 1
+                seen[0] = 0  # the sequence's positions: full pages, then the last
+                if indptr[seq[0] + 1] > indptr[seq[0]]:
+                    seen[0] = ((indptr[seq[0] + 1] - indptr[seq[0]] - 1) * page_size
+                               + last_len[seq[0]])
+                if causal > 0:  # less the positions of its later new tokens
+                    seen[0] -= q_indptr[seq[0] + 1] - token - 1
+                if seen[0] > 0:
+                    attend(Q, out, lse, token, head, sm_scale,
+                           (seen[0] + page_size - 1) // page_size,
+                           lambda p: T.min(page_size, seen[0] - p * page_size),
+                           lambda p, r, d: pages[values[indptr[seq[0]] + p], 0,
+                                                 head // group, r, d],
+                           lambda p, r, d: pages[values[indptr[seq[0]] + p], 1,
+                                                 head // group, r, d],
+                           page_size)
+                else:  # nothing to see: weight 0 when the cache merges the parts
+                    for d in T.vectorized(D):
+                        out[token, head, d] = T.float32(0)
+                    lse[token, head] = T.float32(-5e4)
+
+    return prefill.with_attr("global_symbol", PAGED_PREFILL_KERNEL)
+
+
 ROPE_KERNEL = "fused_rope"  # the cache's RoPE kernel
 
 
@@ -245,11 +316,12 @@ def rope(cfg) -> tvm.tirx.PrimFunc:
 
 def with_attention_kernels(mod: tvm.IRModule, cfg) -> tvm.IRModule:
     """`mod` (an exported model with a TIR paged KV cache) with the cache's
-    RoPE, decode attention and prefill attention kernels replaced by ours."""
+    RoPE, decode attention and both prefill attention kernels replaced by ours."""
     heads = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
     for name, kernel in ((ROPE_KERNEL, rope(cfg)),
                          (CACHE_KERNEL, decode_attention(*heads)),
-                         (PREFILL_KERNEL, prefill_attention(*heads))):
+                         (PREFILL_KERNEL, prefill_attention(*heads)),
+                         (PAGED_PREFILL_KERNEL, paged_prefill_attention(*heads))):
         mod[mod.get_global_var(name)] = kernel
     return mod
 

@@ -34,6 +34,9 @@ class TVMRunner:
         # one token for each of many sequences: chapter 10's models export it
         has_batch = self.vm.module.implements_function("batch_decode")
         self._batch_decode = self.vm["batch_decode"] if has_batch else None
+        # several sequences' new tokens in one call: chapter 10's models export it
+        has_many = self.vm.module.implements_function("batch_prefill")
+        self._batch_prefill = self.vm["batch_prefill"] if has_many else None
         kv = ("add_sequence", "remove_sequence", "fork_sequence",
               "begin_forward", "end_forward")
         self.kv = {n: tvm.get_global_func("vm.builtin.kv_state_" + n) for n in kv}
@@ -100,6 +103,42 @@ class TVMRunner:
         n = self.lengths[seq]
         self._need(pages_for(n + len(ids)) - pages_for(n))
         return self._run(self._prefill, self._embedded(ids), {seq: len(ids)})[0, -1]
+
+    def extend_many(self, chunks: dict[int, list[int]]) -> dict[int, np.ndarray]:
+        """New tokens for several sequences ({sequence: ids}; one not yet cached
+        is added) in one prefill call when the library has `batch_prefill`, the
+        weights read once for all of them: each sequence's last logits."""
+        if self._batch_prefill is None or len(chunks) == 1:
+            return {seq: self.extend(seq, ids) if seq in self.lengths
+                    else self.add(seq, ids) for seq, ids in chunks.items()}
+        new = [seq for seq in chunks if seq not in self.lengths]
+        if len(self.lengths) + len(new) > self.max_batch:
+            raise CacheFull(f"{self.name}: the cache holds at most "
+                            f"{self.max_batch} sequences")
+        for seq, ids in chunks.items():
+            check_tokens(ids, self.vocab_size, self.lengths.get(seq, 0),
+                         self.max_context, self.name)
+        if sum(map(len, chunks.values())) > self.max_context:
+            raise ValueError(f"{self.name}: one prefill call takes at most "
+                             f"{self.max_context} tokens")
+        self._need(sum(pages_for(self.lengths.get(s, 0) + len(ids))
+                       - pages_for(self.lengths.get(s, 0))
+                       for s, ids in chunks.items()))
+        for seq in new:
+            self.kv["add_sequence"](self.cache, seq)
+            self.lengths[seq] = 0
+        ids = [int(t) for chunk in chunks.values() for t in chunk]
+        last = np.cumsum([len(chunk) for chunk in chunks.values()]) - 1
+        last = tvm.runtime.tensor(last.astype(np.int32), self.dev)
+        x = (self._embedded(ids), last)
+        self.kv["begin_forward"](self.cache, ShapeTuple(list(chunks)),
+                                 ShapeTuple([len(c) for c in chunks.values()]))
+        logits, _ = self._batch_prefill(*x, self.cache, self.params)
+        self.kv["end_forward"](self.cache)
+        for seq, chunk in chunks.items():
+            self.lengths[seq] += len(chunk)
+        logits = logits.numpy()
+        return {seq: logits[i, -1] for i, seq in enumerate(chunks)}
 
     def fork(self, parent: int, child: int, at: int | None = None):
         """`child` continues from `parent`'s first `at` tokens (all of them by
