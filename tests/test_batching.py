@@ -63,6 +63,33 @@ def test_pages_follow_add_fork_step_remove(engine):
     assert used() == 0 and runner.lengths == {}
 
 
+def test_extend_fork_at_and_extend_many_give_the_logits_of_one_prefill(engine, toy):
+    # chapter 11's server prefills prompts in chunks, after a forked prefix, and several
+    # prompts in one call: each must give what one prefill of the whole prompt gives
+    ids = prompts(4, toy.config.vocab_size, 3)[3] + list(range(40))  # 64 tokens
+    runner = engine.batch_runner(8, 1024)
+    whole = runner.add(0, ids)
+    runner.add(1, ids[:20])
+    assert np.abs(runner.extend(1, ids[20:]) - whole).max() < 1e-4
+    for at in (PAGE_SIZE, 20, len(ids)):  # a full page, a part-filled one, all of it
+        free = runner.free_pages()
+        runner.fork(0, 2, at=at)
+        assert runner.lengths[2] == at
+        # shared full pages; a part-filled last page is copied
+        assert free - runner.free_pages() == (at % PAGE_SIZE > 0)
+        if at < len(ids):
+            assert np.abs(runner.extend(2, ids[at:]) - whole).max() < 1e-4
+        runner.remove(2)
+    many = runner.extend_many({3: ids, 4: ids[:30], 1: [5]})  # new, new and cached
+    assert np.abs(many[3] - whole).max() < 1e-4
+    alone = engine.batch_runner(2, 256)
+    assert np.abs(many[4] - alone.add(0, ids[:30])).max() < 1e-4
+    assert np.abs(many[1] - alone.add(1, ids + [5])).max() < 1e-4
+    assert runner.lengths == {0: 64, 1: 65, 3: 64, 4: 30}
+    with pytest.raises(ValueError, match="cannot fork 0 at 65"):
+        runner.fork(0, 9, at=65)
+
+
 def test_full_cache_and_bad_ids_are_refused(engine, toy):
     runner = engine.batch_runner(2, 2 * PAGE_SIZE)
     runner.add(0, list(range(1, runner.total_pages * PAGE_SIZE + 1)))  # every page

@@ -15,21 +15,35 @@ from llmbook.tvm_llama.tiled import TiledLlamaForCausalLM
 
 
 class BatchDecode:
-    """One more function for a TVM model: `batch_decode`, one new token for each
-    of `batch_size` sequences, whatever their lengths, in one call. Its matrix
-    products see `[batch_size, 1, hidden]`: one token per sequence."""
+    """Two more functions for a TVM model. `batch_decode`: one new token for each
+    of `batch_size` sequences, whatever their lengths, in one call; its matrix
+    products see `[batch_size, 1, hidden]`, one token per sequence.
+    `batch_prefill`: several sequences' new tokens, one after another in `x`, in
+    one call (the weights are read once for all of them), and the logits of the
+    positions `last`, each sequence's last token."""
 
     def batch_decode(self, input_ids: Tensor, cache: PagedKVCache):
         rows = self.model.embed_tokens.lookup(input_ids)
         x = op.reshape(rows, [input_ids.shape[0], 1, self.cfg.hidden_size])
         return self.logits(self.model(x, cache)), cache
 
+    def batch_prefill(self, x: Tensor, last: Tensor, cache: PagedKVCache):
+        h = op.take(self.model(x, cache), last, axis=1)  # [1, batch_size, hidden]
+        # one row per sequence, as batch_decode's: the head's product for a few
+        # tokens, not a dequantized copy of the whole table
+        h = op.reshape(h, [last.shape[0], 1, self.cfg.hidden_size])
+        return self.logits(h), cache
+
     def functions(self) -> dict:
         packed = {"param_mode": "packed", "effect_mode": "none"}
         cache = nn.spec.Object(object_type=PagedKVCache)
         ids = nn.spec.Tensor(["batch_size"], "int32")
         batch_decode = {"input_ids": ids, "cache": cache, "$": packed}
-        return super().functions() | {"batch_decode": batch_decode}
+        batch_prefill = {
+            "x": nn.spec.Tensor([1, "seq_len", self.cfg.hidden_size], "float32"),
+            "last": ids, "cache": cache, "$": packed}
+        return super().functions() | {"batch_decode": batch_decode,
+                                      "batch_prefill": batch_prefill}
 
 
 class BatchLlamaForCausalLM(BatchDecode, AttentionKernels, TiledLlamaForCausalLM):
