@@ -500,3 +500,52 @@ def roofline(bandwidth_gbs: float, compute_gflops: float, points: list[dict]) ->
     ax.legend(handles=handles, loc="lower right", fontsize=SMALL)
     ax.grid(True, which="major", color="#e4e4e4", lw=0.8)
     return fig
+
+
+# ---- 11. a request's life in the server ------------------------------------------------------
+
+def request_life() -> Figure:
+    """One request through chapter 11's server: the HTTP side checks it and queues it, the
+    engine loop admits it when its pages are free, prefills it (forking a cached prefix), gives
+    it a slot in every decode step, streams each piece of text out, and returns its pages."""
+    fig, ax = _canvas(10, 6.6, "A request's life in the server")
+    # the HTTP side: the event loop of uvicorn, one coroutine per request
+    _panel(ax, 0.15, 3.9, 2.75, 2.2, "HTTP (FastAPI, asyncio)")
+    client = _box(ax, 1.5, 5.35, 2.3, 0.5, "client: openai, stream=True", ACTIVATION,
+                  fontsize=SMALL)
+    check = _box(ax, 1.5, 4.45, 2.3, 0.85, "parse and check:\nbad → 400 / 404\nqueue full → 503",
+                 OPERATION, fontsize=SMALL)
+    _arrow(ax, client.bottom, check.top)
+    # the engine's thread
+    _panel(ax, 3.15, 1.75, 6.7, 4.35, "the engine loop (one thread owns the engine)")
+    queue = _box(ax, 4.1, 4.95, 1.4, 0.75, "queue\n(arrival order)", ACTIVATION, fontsize=SMALL)
+    admit = _box(ax, 6.05, 4.95, 2.1, 0.75, "admit: batch has room,\npages for its budget",
+                 OPERATION, fontsize=SMALL)
+    prefill = _box(ax, 8.6, 4.95, 2.15, 0.75, "prefill: whole or in\nchunks; a cached\n"
+                   "prefix is forked", OPERATION, fontsize=SMALL)
+    decode = _box(ax, 7.3, 3.2, 3.0, 0.95, "decode slot: one token per step,\nin one batched "
+                  "step with every\nother running request", OPERATION, fontsize=SMALL)
+    done = _box(ax, 4.5, 2.35, 2.1, 0.8, "finished: EOS, stop,\nlength or client gone\n"
+                "→ pages back", CACHE, fontsize=SMALL)
+    _arrow(ax, check.right, queue.left)
+    _arrow(ax, queue.right, admit.left)
+    _arrow(ax, admit.right, prefill.left)
+    _arrow(ax, prefill.bottom, (decode.x + 1.0, decode.top[1]))
+    _arrow(ax, (decode.right[0] - 0.2, decode.bottom[1]), (decode.right[0] - 0.7,
+                                                            decode.bottom[1]), rad=-2.2)
+    _note(ax, 9.15, 2.35, "next step", ha="center")
+    _arrow(ax, decode.left, done.top, rad=0.25)
+    # what goes back to the client
+    _path(ax, [(6.2, decode.top[1]), (6.2, 3.8), (0.3, 3.8), (0.3, client.y),
+               client.left], color="#3b7a3b")
+    _note(ax, 3.3, 3.98, "each piece of text as an SSE chunk, then [DONE]", color="#3b7a3b")
+    # the cache's pages
+    _panel(ax, 0.15, 0.15, 9.7, 1.4, "the paged KV cache")
+    for i in range(18):
+        kind = CACHE if i < 7 else ("#d9e8d5" if i < 10 else "white")
+        ax.add_patch(FancyBboxPatch((0.4 + i * 0.5, 0.45), 0.4, 0.4, boxstyle=_round(0.04),
+                                    facecolor=kind, edgecolor=EDGE, linewidth=0.8))
+    _note(ax, 0.4, 1.08, "held by running requests", size=SMALL)
+    _note(ax, 3.9, 1.08, "a cached prefix (shared)", size=SMALL)
+    _note(ax, 5.4 + 0.2, 1.08, "free: what admission counts", size=SMALL)
+    return fig

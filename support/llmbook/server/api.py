@@ -1,5 +1,9 @@
+# Generated from notebooks/11_serving.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
 """The HTTP side: OpenAI's wire format over FastAPI, every request handed to the engine
-loop, every answer streamed back as server-sent events or returned whole."""
+loop, every answer streamed back as server-sent events or returned whole. Written in
+notebooks/11_serving.ipynb."""
 import asyncio
 import json
 import logging
@@ -61,7 +65,8 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False,
     if (low is not None and (value <= low if open_low else value < low)) or (
             high is not None and value > high):
         lo = "(" if open_low else "["
-        raise APIError(400, f"'{name}' must be in {lo}{low}, {high}], got {value}", name)
+        raise APIError(400, f"'{name}' must be in {lo}{low}, {high}], got {value}",
+                       name)
     return value
 
 
@@ -101,7 +106,8 @@ def chat_prompt(tokenizer, body: dict) -> list[int]:
     """The messages rendered with the model's chat template, as token ids."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of messages", "messages")
+        raise APIError(400, "'messages' must be a non-empty list of messages",
+                       "messages")
     if tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so no chat template: send "
                             "token ids to /v1/completions", "messages")
@@ -109,12 +115,13 @@ def chat_prompt(tokenizer, body: dict) -> list[int]:
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       for p in content):
                 raise APIError(400, f"messages[{i}]: only text content is supported",
                                "messages")
             content = "".join(p.get("text", "") for p in content)
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-                content, str):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(content, str)):
             raise APIError(400, f"messages[{i}] must have a 'role' and a text "
                                 "'content'", "messages")
         rendered.append({"role": m["role"], "content": content})
@@ -134,8 +141,8 @@ def completion_prompt(tokenizer, body: dict, vocab_size: int) -> list[int]:
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
         if tokenizer is None:
-            raise APIError(400, "this model has no tokenizer: send 'prompt' as token ids",
-                           "prompt")
+            raise APIError(400, "this model has no tokenizer: send 'prompt' as token "
+                                "ids", "prompt")
         return tokenizer.encode(prompt)
     if (isinstance(prompt, list) and prompt
             and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):

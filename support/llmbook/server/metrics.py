@@ -1,5 +1,9 @@
-"""What the server exposes at /metrics, in Prometheus' text format, under the names a
-dashboard for vLLM would look for (vllm:num_requests_running and so on, here llmbook_)."""
+# Generated from notebooks/11_serving.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
+"""What the server exposes at /metrics, in Prometheus' text format: the gauges and
+counters a vLLM dashboard reads (vllm:num_requests_running and so on), here named
+llmbook_. Written in notebooks/11_serving.ipynb."""
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -11,7 +15,8 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.running = Gauge("llmbook_requests_running",
-                             "Requests in the batch (prefilling or decoding)", registry=r)
+                             "Requests in the batch (prefilling or decoding)",
+                             registry=r)
         self.waiting = Gauge("llmbook_requests_waiting",
                              "Requests waiting for a place in the batch", registry=r)
         self.free_pages = Gauge("llmbook_kv_free_pages",

@@ -1,5 +1,9 @@
+# Generated from notebooks/11_serving.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
 """Prompt prefixes kept in the paged cache, so that a request that starts the same way
-(the system prompt every chat request carries) forks them instead of prefilling them."""
+(the system prompt every chat request carries) forks them instead of prefilling them.
+Written in notebooks/11_serving.ipynb."""
 from collections import OrderedDict
 
 import numpy as np
@@ -24,6 +28,10 @@ class PrefixCache:
         differ = np.flatnonzero(tokens[:n] != ids[:n])
         same = int(differ[0]) if differ.size else n
         return same - same % self.runner.page_size
+
+    def shares(self, a: list[int], b: list[int]) -> bool:
+        """Whether two prompts begin with the same full page (or more)."""
+        return self._shared(np.asarray(a), np.asarray(b), len(a) - 1) > 0
 
     def lookup(self, prompt: list[int]) -> tuple[int | None, int]:
         """(entry, tokens) to fork for `prompt`: the longest shared run of full

@@ -1,5 +1,9 @@
+# Generated from notebooks/11_serving.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
 """The engine loop: one thread owns the engine and serves every request with continuous
-batching (chapter 10's `serve`, now fed by a queue instead of a list of arrivals)."""
+batching (chapter 10's `serve`, now fed by a queue instead of a list of arrivals).
+Written in notebooks/11_serving.ipynb."""
 import itertools
 import logging
 import queue
@@ -35,6 +39,7 @@ class Job:
     # the loop's bookkeeping
     pending: list[int] = field(default_factory=list)  # prompt tokens to prefill
     tokens: list[int] = field(default_factory=list)  # generated so far
+    started: bool = False  # its prefill has begun (a prefix forked, maybe)
     cached_tokens: int = 0  # prompt tokens forked from the prefix cache
     first_token_s: float | None = None  # seconds from arrival to the first token
 
@@ -52,6 +57,7 @@ class OneAtATime:
 
     def __init__(self, backend):
         self.backend, self.name = backend, backend.name
+        self.max_context = backend.max_context
         self.total_pages = pages_for(backend.max_context)
         self.lengths: dict[int, int] = {}
 
@@ -70,6 +76,10 @@ class OneAtATime:
             logits = self.backend.decode(int(token))
         self.lengths[seq] += len(ids)
         return logits
+
+    def extend_many(self, chunks: dict[int, list[int]]) -> dict[int, np.ndarray]:
+        return {seq: (self.extend if seq in self.lengths else self.add)(seq, ids)
+                for seq, ids in chunks.items()}
 
     def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
         (seq, token), = tokens.items()
@@ -181,15 +191,16 @@ class EngineLoop:
 
     def _reserved(self) -> int:
         """Pages the admitted requests will still take, up to their budgets."""
-        page = self.runner.page_size
-        return sum(pages_for(j.budget, page) - pages_for(self.runner.lengths.get(j.id, 0), page)
+        page, held = self.runner.page_size, self.runner.lengths
+        return sum(pages_for(j.budget, page) - pages_for(held.get(j.id, 0), page)
                    for j in [*self.prefilling, *self.decoding.values()])
 
     def _admit(self):
         if self.static and (self.prefilling or self.decoding):
             return  # a static batch runs to its end
         page = self.runner.page_size
-        while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_batch:
+        while (self.waiting
+               and len(self.prefilling) + len(self.decoding) < self.max_batch):
             job = self.waiting[0]
             # its whole budget, as if it shared no page: a prefix it forks later
             # only leaves pages unused
@@ -206,50 +217,58 @@ class EngineLoop:
                     continue
                 return  # wait for running requests to give pages back
             self.waiting.popleft()
-            job.pending = job.prompt
             self.prefilling.append(job)
 
     def _start(self, job: Job):
         """A job's first prefill: fork the longest cached prefix of its prompt (looked
         up now, not at admission, so that it finds the prompts prefilled just before
-        it, in the same iteration)."""
+        it)."""
         entry, shared = self.prefix.lookup(job.prompt) if self.prefix else (None, 0)
         if entry is not None:
             self.runner.fork(entry, job.id, at=shared)
-        job.cached_tokens, job.pending = shared, job.prompt[shared:]
+        job.started, job.cached_tokens, job.pending = True, shared, job.prompt[shared:]
         if self.metrics:
             self.metrics.prompt_tokens.inc(len(job.prompt))
             self.metrics.cached_tokens.inc(shared)
 
     def _prefill(self):
-        budget = self.prefill_chunk or float("inf")
-        for job in list(self.prefilling):
-            if budget <= 0:
+        """One prefill call for the admitted prompts that fit in it: each prompt
+        whole (prefill_chunk 0; at most a context's tokens a call), or at most
+        prefill_chunk prompt tokens in all, the last prompt cut short."""
+        budget = self.prefill_chunk or self.runner.max_context
+        chunks, jobs = {}, []
+        for job in self.prefilling:
+            if not job.started:
+                # a prompt that starts like one in this call waits for the next
+                # call, and forks the pages this one fills
+                if self.prefix and any(self.prefix.shares(job.prompt, other.prompt)
+                                       for other in jobs):
+                    continue
+                self._start(job)
+            n = min(len(job.pending), budget)
+            if n == 0 or (n < len(job.pending) and not self.prefill_chunk):
                 break
-            try:
-                started = job.id in self.runner.lengths
-                if not started:
-                    self._start(job)
-                    started = job.id in self.runner.lengths  # forked
-                n = int(min(len(job.pending), budget))
-                chunk, job.pending = job.pending[:n], job.pending[n:]
-                budget -= n
-                if started:
-                    logits = self.runner.extend(job.id, chunk)
-                else:
-                    logits = self.runner.add(job.id, chunk)
-            except Exception as e:  # this request fails; the others go on
-                log.exception("prefill of request %d failed", job.id)
+            chunks[job.id], budget = job.pending[:n], budget - n
+            jobs.append(job)
+        if not chunks:
+            return
+        try:
+            logits = self.runner.extend_many(chunks)
+        except Exception as e:  # these requests fail; the others go on
+            log.exception("prefill of requests %s failed", list(chunks))
+            for job in jobs:
                 job.emit({"error": f"prefill failed: {e}"})
                 self._finish(job, None)
-                continue
+            return
+        for job in jobs:
+            job.pending = job.pending[len(chunks[job.id]):]
             if job.pending:
                 continue
             self.prefilling.remove(job)
             if self.prefix:
                 self.prefix.insert(job.id, job.prompt)
             self.decoding[job.id] = job
-            self._add_token(job, logits)
+            self._add_token(job, logits[job.id])
 
     def _decode(self):
         if not self.decoding:

@@ -1,4 +1,8 @@
-"""Token ids in, text out, a piece at a time: what a streamed answer sends."""
+# Generated from notebooks/11_serving.ipynb by `python -m llmbook.export`.
+# Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
+
+"""Token ids in, text out, a piece at a time: what a streamed answer sends. Written in
+notebooks/11_serving.ipynb."""
 
 
 class TextStream:
