@@ -17,12 +17,16 @@ NO_AMX           := $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile 
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
                     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF \
                     '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
+# vLLM, chapter 11's second serving peer, in an environment of its own (its pins clash with the
+# book's): about 3.5 GB. Where it cannot be installed, the chapter says so and runs without it.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 export PYTHONUNBUFFERED := 1
 # The book runs offline: nothing may be fetched from a model hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv prepare test book outputs export results clean
+.PHONY: venv vllm prepare test book outputs export results clean
 
 $(STAMP): requirements.txt constraints.txt support/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +51,12 @@ $(STAMP): requirements.txt constraints.txt support/pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# Not on the Makefile itself: a change elsewhere in it must not reinstall 3.5 GB
+$(VLLM_STAMP): peers/vllm-requirements.txt peers/vllm-constraints.txt peers/install-vllm.sh
+	sh peers/install-vllm.sh $(PYTHON) $(VLLM_VENV) "$(TORCH_INDEX)"
+
+vllm: $(VLLM_STAMP)
+
 # Dequantize SmolLM2 once into the cache (~/.cache/llmbook, or $$LLMBOOK_CACHE)
 prepare: venv
 	$(PY) -m llmbook prepare
@@ -54,19 +64,19 @@ prepare: venv
 # Package tests, the notebooks-vs-package check, and every chapter re-executed under nbval.
 # Chapter 5 runs inside tests/test_colab.py instead, from the package built as a wheel (the Colab
 # path), so it is left out of the run over notebooks/ rather than executed twice.
-test: prepare
+test: prepare vllm
 	$(PY) -m llmbook.export --check
 	$(PY) -m llmbook.setup_cell --check
 	$(PY) -m pytest -q -rs -p no:cacheprovider $(NBVAL) tests notebooks \
 		--ignore=notebooks/05_fused.ipynb
 
 # Execute every chapter and render the HTML book into _build/html
-book: prepare
+book: prepare vllm
 	$(VENV)/bin/jupyter-book build . --builder html
 	@echo "The book is in _build/html/index.html"
 
 # Re-execute the chapters in place: the stored outputs that nbval compares against
-outputs: prepare
+outputs: prepare vllm
 	$(VENV)/bin/jupyter execute --inplace notebooks/*.ipynb
 
 # Regenerate the package modules from the chapters' `#| export` cells, and every chapter's first
