@@ -198,6 +198,18 @@ def llama_cpp_server(gguf_path: str | Path, threads: int, port: int | None = Non
     return serve("llama.cpp server", cmd, _server_env(**(env or {})), timeout, log_path, model=model_alias)
 
 
+def llama_cpp_unavailable() -> str | None:
+    """Why llama.cpp's server cannot run here, in one line, or None when it can: llama-cpp-python
+    is compiled by `make`, which goes on without it where it cannot be compiled."""
+    import importlib.util
+
+    missing = [m for m in ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"llama-cpp-python's server needs {', '.join(missing)}, not installed here"
+    return None
+
+
 def vllm_python() -> Path:
     return VLLM_VENV / "bin" / "python"
 
