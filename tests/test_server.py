@@ -221,14 +221,12 @@ def test_one_at_a_time_for_an_engine_without_a_batched_decode(toy_dir, toy):
 SYSTEM = ("You are a concise assistant for a book about LLM inference. Answer in one "
           "sentence, in plain English, without lists, and say so when you do not know.")
 QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "Name a primary colour.",
-             "What does a CPU do?", "Who wrote Hamlet?", "What is water made of?",
-             "What is the largest planet?", "What language is spoken in Brazil?"]
+             "What does a CPU do?", "Who wrote Hamlet?", "What is water made of?"]
 
 
-@pytest.mark.parametrize("flags", [("--prefix-entries", "8"),
-                                   ("--prefix-entries", "0", "--prefill-chunk", "16")],
-                         ids=["prefix cache", "chunked prefill"])
-def test_smollm2_chat_answers_equal_generate(smollm2, flags):
+def test_smollm2_chat_answers_equal_generate(smollm2):
+    # the prefix cache and chunked prefill at once: the system prompt's pages are forked, the
+    # rest prefilled 16 tokens a step, and no answer may change
     engine = get_backend("tvm-q4", smollm2)
     chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
              for q in QUESTIONS]
@@ -241,12 +239,11 @@ def test_smollm2_chat_answers_equal_generate(smollm2, flags):
         if smollm2.eos_token_id in tokens:
             tokens = tokens[:tokens.index(smollm2.eos_token_id)]
         expected.append(smollm2.detokenize(tokens))
-    with llmbook_server(None, "tvm-q4", *flags) as server:
+    with llmbook_server(None, "tvm-q4", "--prefix-entries", "8", "--prefill-chunk",
+                        "16") as server:
         answers = asyncio.run(stream_all(server, [
             {"messages": c, "max_tokens": 24, "temperature": 0} for c in chats]))
         hits = metric(server, "llmbook_prefix_cache_hit_tokens_total")
     assert [text for text, _ in answers] == expected
-    if "8" in flags:  # the system prompt's full pages came from the cache
-        assert hits >= (len(QUESTIONS) - 1) * 32
-    else:
-        assert hits == 0
+    # every request after the first forked the system prompt's full pages
+    assert hits >= (len(QUESTIONS) - 1) * 32
