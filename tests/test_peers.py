@@ -1,9 +1,9 @@
-"""The serving peers of chapter 11 (llama.cpp's server and vLLM), started as subprocesses by
-llmbook.peers on SmolLM2 and asked one question each with the official openai client. Where a peer
-is not installed here the test is skipped, and the skip says why.
+"""The serving peers of chapter 11, started as subprocesses by llmbook.peers: llama.cpp's server on
+SmolLM2, asked one question with the official openai client (skipped, with the reason, where it is
+not installed), and everything it started ended afterwards.
 
-vLLM's start is the expensive part (half a minute or more on 2 cores, several processes each
-importing torch): its test is the one named test_vllm_*, so `-k "not vllm"` leaves it out.
+vLLM is started by chapter 11 itself, through the same llmbook.peers.serve (its start costs half a
+minute here): these tests start llama.cpp's server, and a stand-in whose child ignores SIGTERM.
 """
 import os
 import sys
@@ -53,15 +53,6 @@ def test_llama_cpp_server():
                         "(make could not compile it; see book/how_to_run.md)")
     server, started = check_serves_and_ends(lambda: peers.llama_cpp_server(smollm2_gguf(), threads=2, ctx=512))
     assert server.model == "SmolLM2-135M-Instruct"
-
-
-def test_vllm_server(smollm2):
-    if reason := peers.vllm_unavailable():
-        pytest.skip(f"vLLM is not available: {reason}")
-    # served from the fp32 directory the book loads SmolLM2 from (vLLM reads no GGUF on the CPU)
-    server, started = check_serves_and_ends(
-        lambda: peers.vllm_server(smollm2.path, threads=2, max_model_len=512))
-    assert len(started) >= 2  # the API server and its engine core: both ended above
 
 
 def test_a_server_that_dies_is_reported_with_its_log(tmp_path):

@@ -65,8 +65,8 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False,
     if (low is not None and (value <= low if open_low else value < low)) or (
             high is not None and value > high):
         lo = "(" if open_low else "["
-        raise APIError(400, f"'{name}' must be in {lo}{low}, {high}], got {value}",
-                       name)
+        bounds = f"in {lo}{low}, {high}]" if high is not None else f"at least {low}"
+        raise APIError(400, f"'{name}' must be {bounds}, got {value}", name)
     return value
 
 
@@ -188,6 +188,7 @@ class Server:
         runner.remove(0)
         self.loop = EngineLoop(runner, max_batch, c.prefill_chunk, prefix, c.static,
                                self.metrics)
+        self.metrics.update(self.loop)  # the gauges count from the start
         self.loop.start()
         self.ready.set()
 
@@ -252,7 +253,12 @@ def create_app(server: Server, served_name: str) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):  # unknown paths, methods
-        return await refused(request, APIError(e.status_code, str(e.detail)))
+        routes = ("POST /v1/chat/completions, POST /v1/completions, GET /v1/models, "
+                  "GET /health, GET /metrics")
+        message = (f"{e.detail}: {request.method} {request.url.path}; this server has "
+                   f"{routes}")
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return await refused(request, APIError(e.status_code, message, kind=kind))
 
     async def read(request: Request) -> dict:
         try:
@@ -301,6 +307,12 @@ def create_app(server: Server, served_name: str) -> FastAPI:
         job = server.job(prompt, params, emit)
         server.loop.submit(job)
         kind = "chat.completion" if chat else "text_completion"
+
+        def log_end(how: str):  # one line per request, as uvicorn's access log would
+            log.info("%s %s: %d prompt tokens (%d cached), %d generated, %.2f s", how,
+                     kind, len(job.prompt), job.cached_tokens, len(job.tokens),
+                     time.perf_counter() - job.arrived)
+
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "created": int(time.time()), "model": served_name}
 
@@ -328,6 +340,7 @@ def create_app(server: Server, served_name: str) -> FastAPI:
                 if done is None:
                     server.loop.cancel(job)
             server.metrics.requests.labels("200").inc()
+            log_end(f"200 {done['done']}")
             text = "".join(parts)
             message = ({"message": {"role": "assistant", "content": text}} if chat
                        else {"text": text})
@@ -358,9 +371,11 @@ def create_app(server: Server, served_name: str) -> FastAPI:
                         break
                 yield "data: [DONE]\n\n"
                 server.metrics.requests.labels("200").inc()
+                log_end("200 streamed")
             finally:  # the client went away: its sequence leaves the batch
                 if not finished:
                     server.loop.cancel(job)
+                    log_end("client gone,")
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -407,7 +422,9 @@ def run(bundle, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
 
     server = Server(bundle, config)
     app = create_app(server, served_name or bundle.name)
+    # each request logs its own line (above): uvicorn's access log would be a second
     http = Uvicorn(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                  access_log=False,
                                   timeout_graceful_shutdown=shutdown_timeout))
 
     def give_up():

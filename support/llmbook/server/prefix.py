@@ -29,9 +29,10 @@ class PrefixCache:
         same = int(differ[0]) if differ.size else n
         return same - same % self.runner.page_size
 
-    def shares(self, a: list[int], b: list[int]) -> bool:
-        """Whether two prompts begin with the same full page (or more)."""
-        return self._shared(np.asarray(a), np.asarray(b), len(a) - 1) > 0
+    def shared(self, a: list[int], b: list[int]) -> int:
+        """The leading tokens of prompt `a` that `b` has too, in full pages (at most
+        all of `a` but its last token)."""
+        return self._shared(np.asarray(a), np.asarray(b), len(a) - 1)
 
     def lookup(self, prompt: list[int]) -> tuple[int | None, int]:
         """(entry, tokens) to fork for `prompt`: the longest shared run of full

@@ -239,11 +239,13 @@ class EngineLoop:
         chunks, jobs = {}, []
         for job in self.prefilling:
             if not job.started:
-                # a prompt that starts like one in this call waits for the next
-                # call, and forks the pages this one fills
-                if self.prefix and any(self.prefix.shares(job.prompt, other.prompt)
-                                       for other in jobs):
-                    continue
+                # a prompt that shares more full pages with one in this call than
+                # with the cache waits for the next call, and forks them then
+                if self.prefix:
+                    cached = self.prefix.lookup(job.prompt)[1]
+                    if any(self.prefix.shared(job.prompt, other.prompt) > cached
+                           for other in jobs):
+                        continue
                 self._start(job)
             n = min(len(job.pending), budget)
             if n == 0 or (n < len(job.pending) and not self.prefill_chunk):
