@@ -352,10 +352,13 @@ def create_app(server: Server, served_name: str) -> FastAPI:
             finished = False
             chunk = head | {"object": kind + (".chunk" if chat else "")}
             try:
-                if chat:
-                    yield sse(chunk | {"choices": [choice("", None, first=True)]})
+                first = chat
                 while True:
                     event = await events.get()
+                    if first:  # the role comes with the first token, as vLLM sends it:
+                        # a load generator times its first chunk as the first token
+                        first = False
+                        yield sse(chunk | {"choices": [choice("", None, first=True)]})
                     if "text" in event:
                         yield sse(chunk | {"choices": [choice(event["text"], None)]})
                     elif "error" in event:
