@@ -19,31 +19,23 @@ from .generation import ContextError, compare, stream
 
 
 # argparse types; their messages leave out the flag: argparse puts "argument --flag: " before them.
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def int_in(low: int, high: int | None = None, what: str = "an integer"):
+    """An argparse type: an integer from `low` (to `high`)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if n < low or (high is not None and n > high):
+            bounds = f"at least {low}" if high is None else f"{what} ({low} to {high})"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {n}")
+        return n
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
-    return n
-
-
-def port_number(text: str) -> int:
-    n = non_negative_int(text)
-    if n > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number (0 to 65535), got {n}")
-    return n
+positive_int = int_in(1)
+non_negative_int = int_in(0)
+port_number = int_in(0, 65535, "a port number")
 
 
 def int_list(text: str) -> list[int]:
