@@ -29,7 +29,7 @@ def llmbook_server(model_dir, backend: str, *args: str, timeout: float = 600):
            "--port", str(port), *args]
     if model_dir is not None:
         cmd += ["--model", str(model_dir)]
-    return peers.serve("llmbook server", cmd, peers._server_env(), timeout)
+    return peers.serve("llmbook server", cmd, peers.server_env(), timeout)
 
 
 def metric(server, name: str) -> float:
@@ -174,11 +174,11 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(toy_dir):
     cmd = [sys.executable, "-m", "llmbook", "serve", "--backend", "tvm", "--model",
            str(toy_dir), "--port", str(port), "--shutdown-timeout", "20"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=peers._server_env(), start_new_session=True)
+                            env=peers.server_env(), start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: peers._models(url) is not None, timeout=300)
-        body = {"model": peers._models(url)[0], "prompt": [1, 2, 3], "max_tokens": 100,
+        wait_for(lambda: peers.served_models(url) is not None, timeout=300)
+        body = {"model": peers.served_models(url)[0], "prompt": [1, 2, 3], "max_tokens": 100,
                 "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()

@@ -98,7 +98,7 @@ def _stop_all() -> None:
         stop(proc, timeout=5)
 
 
-def _models(root: str) -> list[str] | None:
+def served_models(root: str) -> list[str] | None:
     """The model names a server lists, or None while it does not answer yet."""
     try:
         with urllib.request.urlopen(f"{root}/v1/models", timeout=2) as r:
@@ -146,7 +146,7 @@ def serve(name: str, cmd: list[str], env: dict, timeout: float, log_path: Path |
     _running[proc.pid] = proc
     try:
         deadline = time.monotonic() + timeout
-        while (names := _models(root)) is None:
+        while (names := served_models(root)) is None:
             if proc.poll() is not None:
                 raise PeerError(f"{name} exited with code {proc.returncode} before it was ready; "
                                 f"{log_path}: {log_tail(log_path)}")
@@ -163,7 +163,7 @@ def serve(name: str, cmd: list[str], env: dict, timeout: float, log_path: Path |
         stop(proc, stop_timeout)
 
 
-def _server_env(**extra: str) -> dict:
+def server_env(**extra: str) -> dict:
     env = dict(os.environ)
     # llama_cpp.server reads these before its own flags, and a user's PORT would win over --port
     for var in ("HOST", "PORT", "CONFIG_FILE"):
@@ -195,7 +195,7 @@ def llama_cpp_server(gguf_path: str | Path, threads: int, port: int | None = Non
            "--host", HOST, "--port", str(port), "--n_threads", str(threads),
            "--n_threads_batch", str(threads), "--n_ctx", str(ctx),
            "--model_alias", model_alias, "--interrupt_requests", str(interrupt_requests), *extra_args]
-    return serve("llama.cpp server", cmd, _server_env(**(env or {})), timeout, log_path, model=model_alias)
+    return serve("llama.cpp server", cmd, server_env(**(env or {})), timeout, log_path, model=model_alias)
 
 
 def llama_cpp_unavailable() -> str | None:
@@ -239,7 +239,7 @@ def _vllm_import_error() -> str | None:
     import takes seconds)."""
     if VLLM_VENV not in _import_checked:
         r = subprocess.run([str(vllm_python()), "-c", "import vllm.entrypoints.openai.api_server"],
-                           capture_output=True, text=True, env=_server_env())
+                           capture_output=True, text=True, env=server_env())
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         _import_checked[VLLM_VENV] = None if r.returncode == 0 else f"vLLM does not import in {VLLM_VENV}: {last}"
     return _import_checked[VLLM_VENV]
@@ -270,7 +270,7 @@ def vllm_server(hf_dir: str | Path, threads: int, port: int | None = None, max_m
     if not 1 <= threads <= len(cpus):
         raise ValueError(f"threads must be between 1 and the {len(cpus)} CPUs this process may use, not {threads}")
     port = port or free_port()
-    env = _server_env(
+    env = server_env(
         # GiB of memory for the KV cache (vLLM's CPU backend takes it from here, not from a flag)
         VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
         # by default it keeps a core for its scheduler and serves from the rest, on 2 cores from one
