@@ -204,6 +204,25 @@ class Bundle:
             raise CheckpointError(f"weights do not fit {self.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return dataclasses.replace(self, hf_model=model)
 
+    def first_layers(self, n: int) -> "Bundle":
+        """The same checkpoint cut after its first `n` decoder layers, with its own final norm
+        and head: a cheaper model that shares the weights (chapter 12's self-speculation drafts
+        with it)."""
+        import copy
+
+        if not 1 <= n < self.config.num_layers:
+            raise ValueError(f"{self.name} has {self.config.num_layers} layers: a model of its "
+                             f"first n needs 1 <= n < {self.config.num_layers}, got {n}")
+        # a copy of the modules and the config that shares every weight tensor
+        tensors = [*self.hf_model.parameters(), *self.hf_model.buffers()]
+        model = copy.deepcopy(self.hf_model, {id(t): t for t in tensors})
+        model.model.layers = model.model.layers[:n]
+        model.config.num_hidden_layers = n  # the copy's config, which its modules share
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:n]
+        return dataclasses.replace(self, name=f"{self.name}-first-{n}", hf_model=model,
+                                   config=dataclasses.replace(self.config, num_layers=n))
+
     @property
     def eos_token_id(self) -> int | None:
         eos = self.hf_model.config.eos_token_id

@@ -504,6 +504,52 @@ def roofline(bandwidth_gbs: float, compute_gflops: float, points: list[dict]) ->
 
 # ---- 11. a request's life in the server ------------------------------------------------------
 
+def speculation(words=("The", "capital", "of", "France", "is"),
+                drafts=("Paris", ".", "It", "has"), engine=("Paris", ".", "The", "…", "…"),
+                kept: int = 2) -> Figure:
+    """One round of speculative decoding (chapter 12): a drafter guesses the next tokens, the
+    engine scores the pending token and every guess in one call, the guesses that match its
+    own choices are kept with its token after them, and the rest leave the cache (popn)."""
+    fig, ax = _canvas(10, 5.6, "One round of speculative decoding")
+    w, gap, x0, n = 0.92, 0.12, 0.3, len(words)
+
+    def left(i):
+        return x0 + i * (w + gap)
+
+    def cell(i, y, text, color, **kw):
+        return _box(ax, left(i) + w / 2, y, w, 0.5, text, color, fontsize=SMALL, **kw)
+
+    _note(ax, x0, 4.95, "1. the sequence so far; its last token is pending (sampled, not yet "
+          "in the cache)")
+    _note(ax, x0, 4.65, "2. the drafter guesses k = 4 tokens cheaply (prompt lookup, or a "
+          "smaller model)")
+    for i, word in enumerate(words):
+        cell(i, 4.1, word, CACHE if i < n - 1 else ACTIVATION)
+    for j, word in enumerate(drafts):
+        cell(n + j, 4.1, word, "white", ls="--")
+    _panel(ax, left(n - 1) - 0.1, 2.2, (len(drafts) + 1) * (w + gap) + 0.08, 1.0)
+    _note(ax, x0, 2.7, "3. one verify call scores\nall k + 1 positions: below\neach token, "
+          "the engine's\nchoice for the next one")
+    for j, word in enumerate(engine):
+        color = "#bfe3b4" if j < kept else ("#f2c1b6" if j == kept else "white")
+        cell(n - 1 + j, 2.55, word, color, ls="-" if j <= kept else ":")
+        _arrow(ax, (left(n - 1 + j) + w / 2, 3.85), (left(n - 1 + j) + w / 2, 2.8), lw=0.9)
+        if j <= kept and j < len(drafts):  # its choice against the next guess
+            same = j < kept
+            _arrow(ax, (left(n - 1 + j) + w, 2.55), (left(n + j) + w / 2 - 0.05, 3.85),
+                   lw=0.8, ls="-" if same else ":", color="#3b7a3b" if same else "#b04a3a",
+                   head=False)
+    _note(ax, x0, 1.45, f"4. keep the {kept} guesses the engine agrees with, then its own "
+          f"token where they first differ: {kept + 1} tokens from one call.\n"
+          "    The rejected guesses leave the KV cache (TVM's kv_state_popn). With sampling, "
+          "a guess is kept with\n    probability min(1, p/q) and a rejected one redrawn from "
+          "max(p − q, 0): the output keeps the model's distribution.")
+    _legend(ax, x0, 0.45, [("in the cache", CACHE), ("pending", ACTIVATION),
+                           ("guess", "white"), ("agrees: kept", "#bfe3b4"),
+                           ("the engine's token", "#f2c1b6")])
+    return fig
+
+
 def request_life() -> Figure:
     """One request through chapter 11's server: the HTTP side checks it and queues it, the
     engine loop admits it when its pages are free, prefills it (forking a cached prefix), gives
@@ -548,4 +594,66 @@ def request_life() -> Figure:
     _note(ax, 0.4, 1.08, "held by running requests", size=SMALL)
     _note(ax, 3.9, 1.08, "a cached prefix (shared)", size=SMALL)
     _note(ax, 5.4 + 0.2, 1.08, "free: what admission counts", size=SMALL)
+    return fig
+
+
+# ---- 13. tensor parallelism ------------------------------------------------------------------
+
+def tensor_parallel(cfg, ranks: int) -> Figure:
+    """The Megatron split of one decoder layer and the head over `ranks` ranks (one column
+    each): what rows or columns of each weight a rank holds, its own key/value heads in its
+    cache, and the collectives that join the columns (two all-reduces a layer, an all-gather)."""
+    if ranks < 1 or cfg.num_heads % ranks or cfg.num_kv_heads % ranks:
+        raise ValueError(f"{ranks} ranks do not divide {cfg.num_heads} query heads and "
+                         f"{cfg.num_kv_heads} key/value heads")
+    nq, nkv, ffn, vocab = (cfg.num_heads // ranks, cfg.num_kv_heads // ranks,
+                           cfg.intermediate_size, cfg.vocab_size)
+    fig, ax = _canvas(11, 7.6, f"Tensor parallelism over {ranks} ranks: one decoder layer "
+                               "and the head")
+    x0, x1 = 2.5, 10.8
+    col = (x1 - x0) / ranks
+    w = min(2.9, col - 0.25)
+    rows = {"x": 6.75, "qkv": 6.0, "attn": 5.2, "o": 4.4, "ar1": 3.75, "gu": 3.1,
+            "down": 2.35, "ar2": 1.7, "head": 1.05, "ag": 0.4}
+    labels = {"qkv": "q, k, v: split by\noutput rows (column)",
+              "attn": "attention on its\nown heads",
+              "o": "o: split by input\ncolumns (row)", "gu": "gate, up: split by\nrows (column)",
+              "down": "down: split by\ncolumns (row)", "head": "head: split by\nvocabulary rows"}
+    for key, text in labels.items():
+        _note(ax, 0.2, rows[key], text, color="black")
+    _note(ax, 0.2, rows["x"], "x [tokens, hidden]\non every rank", color="black")
+    def span_text(a, b):  # an inclusive range, or one number
+        return f"{a}" if a == b else f"{a}–{b}"
+
+    for r in range(ranks):
+        cx = x0 + col * (r + 0.5)
+        f0, f1 = ffn * r // ranks, ffn * (r + 1) // ranks
+        v = -(-vocab // ranks)
+        boxes = [
+            _box(ax, cx, rows["x"], w, 0.5, f"rank {r}: x (whole)", ACTIVATION),
+            _box(ax, cx, rows["qkv"], w, 0.6, f"q heads {span_text(r * nq, (r + 1) * nq - 1)}\n"
+                 f"k, v heads {span_text(r * nkv, (r + 1) * nkv - 1)}", WEIGHT),
+            _box(ax, cx, rows["attn"], w, 0.6, f"attention, KV cache of\nk, v heads "
+                 f"{span_text(r * nkv, (r + 1) * nkv - 1)} only", CACHE),
+            _box(ax, cx, rows["o"], w, 0.6, "o columns of its heads\n→ partial sum [hidden]",
+                 WEIGHT),
+        ]
+        for a, b in zip(boxes, boxes[1:]):
+            _arrow(ax, a.bottom, b.top)
+        _arrow(ax, boxes[-1].bottom, (cx, rows["ar1"] + 0.22))
+        mlp = [_box(ax, cx, rows["gu"], w, 0.6, f"gate, up rows {f0}–{f1 - 1}\nSwiGLU", WEIGHT),
+               _box(ax, cx, rows["down"], w, 0.6, f"down columns {f0}–{f1 - 1}\n"
+                    "→ partial sum [hidden]", WEIGHT)]
+        _arrow(ax, (cx, rows["ar1"] - 0.22), mlp[0].top)
+        _arrow(ax, mlp[0].bottom, mlp[1].top)
+        _arrow(ax, mlp[1].bottom, (cx, rows["ar2"] + 0.22))
+        head = _box(ax, cx, rows["head"], w, 0.5,
+                    f"head rows {r * v}–{min(vocab, (r + 1) * v) - 1}", WEIGHT)
+        _arrow(ax, (cx, rows["ar2"] - 0.22), head.top)
+        _arrow(ax, head.bottom, (cx, rows["ag"] + 0.2))
+    span = (x1 - x0 - 0.1, x0 + (x1 - x0) / 2)
+    for key, text in (("ar1", "all-reduce: x + Σ partial sums, on every rank"),
+                      ("ar2", "all-reduce: x + Σ partial sums, on every rank"),
+                      ("ag", "all-gather: the vocabulary blocks side by side → logits")):
+        _box(ax, span[1], rows[key], span[0], 0.44 if key != "ag" else 0.4, text, OPERATION)
     return fig

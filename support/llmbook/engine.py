@@ -70,6 +70,17 @@ class BackendBase:
         raise BackendUnavailable(f"backend {self.name!r} has no batched decode "
                                  f"({type(self).__name__} has no batch_runner)")
 
+    def verify(self, ids) -> np.ndarray:
+        """Append several tokens to the sequence in one pass; logits [len(ids), vocab],
+        row i after token i (chapter 12's speculative decoding scores drafts so)."""
+        raise BackendUnavailable(f"backend {self.name!r} cannot score several new "
+                                 f"tokens in one call and take them back (chapter 12)")
+
+    def rollback(self, n: int) -> None:
+        """Forget the sequence's last `n` tokens (rejected drafts, chapter 12)."""
+        raise BackendUnavailable(f"backend {self.name!r} cannot take tokens back "
+                                 f"out of its cache (chapter 12)")
+
 
 @runtime_checkable
 class BatchRunner(Protocol):

@@ -91,6 +91,20 @@ class TVMBackend(RoundedWeights, RunnerBackend):
         self.runner = TVMRunner(self.module, [tvm.runtime.tensor(params[n], dev) for n in names],
                                 dev, cfg.vocab_size, self.max_context, name=self.name)
 
+    def verify(self, ids):
+        """Several new tokens of the sequence in one call, and every one's logits
+        (chapter 12): chapter 10's batched decode, told they are one sequence's."""
+        if not self.runner.batched:
+            return super().verify(ids)  # BackendUnavailable, with its reason
+        if 0 not in self.runner.lengths:
+            raise ValueError(f"{self.name}: verify continues a sequence; prefill one first")
+        return self.runner.verify({0: ids})[0]
+
+    def rollback(self, n: int) -> None:
+        if 0 not in self.runner.lengths:
+            raise ValueError(f"{self.name}: no sequence to take tokens back from")
+        self.runner.popn(0, n)
+
     def batch_runner(self, max_batch: int, max_tokens: int) -> TVMRunner:
         """Many sequences in one paged cache, decoded together (chapter 10), on the same
         library and weights."""

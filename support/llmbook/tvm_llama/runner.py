@@ -16,8 +16,9 @@ from llmbook.engine import PAGE_SIZE, CacheFull, check_tokens, pages_for
 class TVMRunner:
     """Sequences, by id, in one paged KV cache. `add` prefills a new sequence's
     prompt, `step` gives one new token to each of several sequences, `fork` starts a
-    sequence that shares another's tokens (and its full pages), `remove` gives a
-    sequence's pages back. `prefill`, `decode` and `reset` are the book's Backend
+    sequence that shares another's tokens (and its full pages), `verify` scores
+    several new tokens of each of several sequences and `popn` takes tokens back
+    (chapter 12), `remove` gives a sequence's pages back. `prefill`, `decode` and `reset` are the book's Backend
     interface: one sequence (id 0), a batch of one."""
 
     def __init__(self, module, params: list, dev, vocab_size: int,
@@ -37,7 +38,7 @@ class TVMRunner:
         # several sequences' new tokens in one call: chapter 10's models export it
         has_many = self.vm.module.implements_function("batch_prefill")
         self._batch_prefill = self.vm["batch_prefill"] if has_many else None
-        kv = ("add_sequence", "remove_sequence", "fork_sequence",
+        kv = ("add_sequence", "remove_sequence", "fork_sequence", "popn",
               "begin_forward", "end_forward")
         self.kv = {n: tvm.get_global_func("vm.builtin.kv_state_" + n) for n in kv}
         self._available = tvm.get_global_func(
@@ -174,6 +175,42 @@ class TVMRunner:
         x = tvm.runtime.tensor(np.asarray(list(tokens.values()), np.int32), self.dev)
         logits = self._run(self._batch_decode, x, {seq: 1 for seq in tokens})
         return {seq: logits[i, -1] for i, seq in enumerate(tokens)}
+
+    def verify(self, chunks: dict[int, list[int]]) -> dict[int, np.ndarray]:
+        """New tokens for cached sequences ({sequence: ids}) in one call, and the
+        logits after every one of them: {sequence: [len(ids), vocab]}.
+        `batch_decode`'s graph takes a list of token rows; what makes a
+        sequence's rows one causal chunk, and not separate sequences, is only
+        what `begin_forward` tells the cache (chapter 12)."""
+        if self._batch_decode is None:
+            raise ValueError(f"{self.name}: this library has no batch_decode "
+                             "(chapter 10) to score several tokens with")
+        for seq, ids in chunks.items():
+            if seq not in self.lengths:
+                raise ValueError(f"{self.name}: no sequence {seq} in the cache")
+            check_tokens(ids, self.vocab_size, self.lengths[seq],
+                         self.max_context, self.name)
+        self._need(sum(pages_for(self.lengths[s] + len(ids))
+                       - pages_for(self.lengths[s]) for s, ids in chunks.items()))
+        ids = [int(t) for chunk in chunks.values() for t in chunk]
+        x = tvm.runtime.tensor(np.asarray(ids, np.int32), self.dev)
+        logits = self._run(self._batch_decode, x,
+                           {seq: len(c) for seq, c in chunks.items()})[:, -1]
+        ends = np.cumsum([len(c) for c in chunks.values()])
+        return {seq: logits[end - len(c):end]
+                for (seq, c), end in zip(chunks.items(), ends)}
+
+    def popn(self, seq: int, n: int):
+        """Take the last `n` tokens of a sequence back out of the cache: a page
+        they alone filled is freed (chapter 12's rejected drafts)."""
+        if seq not in self.lengths:
+            raise ValueError(f"{self.name}: no sequence {seq} in the cache")
+        if not 0 <= n <= self.lengths[seq]:
+            raise ValueError(f"{self.name}: cannot take {n} of sequence {seq}'s "
+                             f"{self.lengths[seq]} tokens back")
+        if n:
+            self.kv["popn"](self.cache, seq, n)
+            self.lengths[seq] -= n
 
     def remove(self, seq: int):
         if seq not in self.lengths:
