@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
 from . import backends, device
 from .checkpoint import CheckpointError, load_model
 from .engine import PAGE_SIZE, pages_for
@@ -49,6 +51,23 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def speculation(text: str) -> tuple[str, int, int]:
+    """--speculate: ngram:K (prompt lookup, up to K guesses) or layers:N[:K] (the model's
+    first N layers guess, K at a time, 4 by default) -> (kind, N or 0, K)."""
+    kind, _, rest = text.partition(":")
+    try:
+        numbers = [int(n) for n in rest.split(":")]
+    except ValueError:
+        numbers = []
+    ok = (kind == "ngram" and len(numbers) == 1) or (kind == "layers" and len(numbers) in (1, 2))
+    if not ok or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be ngram:K or layers:N[:K] with whole numbers K, N >= 1, got {text!r}")
+    if kind == "ngram":
+        return kind, 0, numbers[0]
+    return kind, numbers[0], numbers[1] if len(numbers) == 2 else 4
+
+
 def token_ids(text: str) -> list[int]:
     return int_list(text)  # the range is checked against the vocabulary once the model is loaded
 
@@ -76,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", required=True, help=f"one of: {', '.join(backends.names())}")
     common.add_argument("--model", default=None, help="Hugging Face Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
     common.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
+    common.add_argument("--tp", type=positive_int, default=None,
+                        help="ranks of --backend torch-tp (default: the most that divide the heads and fit the cores)")
 
     g = sub.add_parser("generate", parents=[common], help="generate text")
     g.add_argument("--prompt", help="user message, rendered with the chat template")
@@ -85,12 +106,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--speculate", type=speculation, default=None, metavar="ngram:K|layers:N[:K]",
+                   help="speculative decoding (chapter 12): prompt lookup guesses up to K tokens, "
+                        "or the model's first N layers guess K; the same tokens (greedy) or the "
+                        "same distribution (sampling)")
 
     c = sub.add_parser("compare", parents=[common], help="compare a backend with the Hugging Face reference")
     group = c.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt")
     group.add_argument("--token-ids", type=token_ids)
     c.add_argument("--steps", type=positive_int, default=20, help="greedy tokens to compare")
+    c.add_argument("--speculate", type=speculation, default=None, metavar="ngram:K|layers:N[:K]",
+                   help="compare the engine's speculative greedy tokens with the reference's")
 
     b = sub.add_parser("bench", help="time every engine (or --backends) on one checkpoint; writes JSON and figures")
     b.add_argument("--model", default=None, help="Hugging Face Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
@@ -163,12 +190,23 @@ def bench(args) -> int:
     return 0
 
 
+def engine_options(args) -> dict:
+    """The backend's options from the flags: --tp is torch-tp's rank count."""
+    if args.tp is None:
+        return {}
+    if args.backend != "torch-tp":
+        raise ValueError(f"--tp applies to --backend torch-tp only, not {args.backend!r}")
+    if args.command == "serve":
+        raise ValueError("serve does not take --tp; it opens torch-tp with its default ranks")
+    return {"tp": args.tp}
+
+
 def batch(args) -> int:
     from .bench import text_ids
     from .serving import batch_vs_solo
 
     bundle = load_model(args.model)
-    engine = backends.get_backend(args.backend, bundle)
+    engine = backends.get_backend(args.backend, bundle, **engine_options(args))
     if (room := engine.max_context - args.steps) < 1:
         raise ValueError(f"--steps {args.steps} leaves no room for a prompt in the context of "
                          f"{engine.max_context} tokens")
@@ -208,6 +246,38 @@ def serve(args) -> int:
     return run(bundle, config, args.host, args.port, args.served_name, args.shutdown_timeout)
 
 
+def speculator(engine, bundle, args, ids):
+    """(drafter, policy, k) for --speculate. The policy turns guessing down, or off, when the
+    guesses measured so far would not pay for their verify calls (chapter 12)."""
+    from . import speculative
+
+    kind, layers, k = args.speculate
+    if kind == "ngram":
+        drafter, draft_cost = speculative.PromptLookup(), 0.0
+    else:
+        try:
+            small = bundle.first_layers(layers)
+        except ValueError as e:
+            raise ValueError(f"--speculate layers:{layers}: {e}") from None
+        drafter = speculative.LayersDrafter(
+            backends.get_backend(args.backend, small, **engine_options(args)))
+        draft_cost = layers / bundle.config.num_layers  # of a decode step, roughly
+    # T(k+1)/T(1) on this machine, now: an engine without a verify call fails here, in one line
+    cost = speculative.verify_cost(engine, ids, k)
+    return drafter, speculative.Policy(cost, draft_cost), k
+
+
+def speculative_tokens(engine, bundle, args, ids, sample, max_tokens, eos):
+    """The tokens of --speculate's run, and a line saying how many guesses were kept."""
+    from .speculative import speculative_stream
+
+    drafter, policy, k = speculator(engine, bundle, args, ids)
+    stats = {}
+    tokens = speculative_stream(engine, drafter, ids, sample, max_tokens, eos=eos, k=k,
+                                policy=policy, stats=stats)
+    return tokens, stats
+
+
 def prompt_ids(bundle, args) -> list[int]:
     if (args.prompt is None) == (args.token_ids is None):
         raise ValueError("give exactly one of --prompt and --token-ids")
@@ -226,6 +296,7 @@ def run(args) -> int:
         # before loading anything (or importing an engine before use_threads sets the thread
         # count): an unknown backend, or one whose engine is not installed, is one line now
         backends.check_installed(args.backend)
+        engine_options(args)  # a misplaced --tp is one line now, before any loading
     device.use_threads(args.threads)
     if args.command == "bench":
         return bench(args)
@@ -235,18 +306,26 @@ def run(args) -> int:
         return serve(args)
     bundle = load_model(args.model)
     ids = prompt_ids(bundle, args)
-    engine = backends.get_backend(args.backend, bundle)
+    engine = backends.get_backend(args.backend, bundle, **engine_options(args))
     if args.command == "generate":
         from .sampling import Sampler
 
         sample = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+        if args.speculate:
+            run, stats = speculative_tokens(engine, bundle, args, ids, sample,
+                                            args.max_tokens, bundle.eos_token_id)
+        else:
+            run, stats = stream(engine, ids, sample, args.max_tokens, eos=bundle.eos_token_id), None
         tokens, shown = [], ""
-        for token in stream(engine, ids, sample, args.max_tokens, eos=bundle.eos_token_id):
+        for token in run:
             tokens.append(token)
             text = bundle.detokenize(tokens)
             print(text[len(shown):], end="", flush=True)
             shown = text
         print()
+        if stats is not None:
+            print(f"speculation: {stats['accepted']} of {stats['proposed']} guesses kept; "
+                  f"{len(tokens)} tokens from {stats['calls'] + 1} engine calls", file=sys.stderr)
         return 0
     from .backends.hf import HFBackend
 
@@ -256,7 +335,22 @@ def run(args) -> int:
         # those rounded weights: the difference left is the engine's, not the rounding's
         reference, against = HFBackend(bundle.with_weights(own)), f"hf on {args.backend}'s rounded weights"
         print(f"{args.backend} runs {engine.source}")
-    result = compare(engine, reference, ids, args.steps) | {"reference": against}
+    if args.speculate:
+        from .generation import check_context, greedy_run, matching_prefix
+        from .sampling import Sampler
+
+        check_context(engine, len(ids), args.steps)
+        first = engine.prefill(ids)  # the prefill logits, as compare() takes them
+        run, stats = speculative_tokens(engine, bundle, args, ids, Sampler(), args.steps, None)
+        tokens = list(run)
+        ref_logits, ref_tokens = greedy_run(reference, ids, args.steps)
+        result = {"backend": engine.name, "max_abs_diff": float(np.max(np.abs(first - ref_logits))),
+                  "greedy_match": matching_prefix(tokens, ref_tokens), "steps": args.steps,
+                  "speculate": ":".join(map(str, args.speculate)).replace(":0:", ":"),
+                  "accepted": stats["accepted"], "proposed": stats["proposed"]}
+    else:
+        result = compare(engine, reference, ids, args.steps)
+    result |= {"reference": against}
     print(f"{args.backend} vs {against} on {bundle.name}, prompt of {len(ids)} tokens: "
           f"max |Δ prefill logits| = {result['max_abs_diff']:.3g}, greedy tokens equal: {result['greedy_match']}/{result['steps']}")
     print(json.dumps(result))

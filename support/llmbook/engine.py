@@ -78,8 +78,8 @@ class BackendBase:
 
     def rollback(self, n: int) -> None:
         """Forget the sequence's last `n` tokens (rejected drafts, chapter 12)."""
-        raise BackendUnavailable(f"backend {self.name!r} cannot take tokens back "
-                                 f"out of its cache (chapter 12)")
+        raise BackendUnavailable(f"backend {self.name!r} cannot score several new "
+                                 f"tokens in one call and take them back (chapter 12)")
 
 
 @runtime_checkable

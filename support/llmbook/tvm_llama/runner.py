@@ -18,8 +18,8 @@ class TVMRunner:
     prompt, `step` gives one new token to each of several sequences, `fork` starts a
     sequence that shares another's tokens (and its full pages), `verify` scores
     several new tokens of each of several sequences and `popn` takes tokens back
-    (chapter 12), `remove` gives a sequence's pages back. `prefill`, `decode` and `reset` are the book's Backend
-    interface: one sequence (id 0), a batch of one."""
+    (chapter 12), `remove` gives a sequence's pages back. `prefill`, `decode` and
+    `reset` are the book's Backend interface: one sequence (id 0), a batch of one."""
 
     def __init__(self, module, params: list, dev, vocab_size: int,
                  max_context: int = 2048, max_batch: int = 1,
