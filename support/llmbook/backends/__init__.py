@@ -56,6 +56,7 @@ REGISTRY = {
                          ("ai_edge_litert", "litert_torch"), "tab:brown"),
     "llama.cpp": Entry("llmbook.backends.llama_cpp", "LlamaCppBackend",
                        "llama-cpp-python==0.3.36 (make compiles it)", ("llama_cpp",), "tab:red"),
+    "torch-tp": Entry("llmbook.backends.torch_tp", "TorchTPBackend", "torch", ("torch",), "xkcd:teal"),
 }
 
 
