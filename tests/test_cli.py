@@ -122,12 +122,8 @@ def test_token_outside_vocabulary(toy_dir, capsys):
     assert "outside the vocabulary (0..511)" in capsys.readouterr().err
 
 
-def test_module_entry_point_on_smollm2():
-    out = subprocess.run([sys.executable, "-m", "llmbook", "compare", "--backend", "tvm", "--prompt",
-                          "What is the capital of France?", "--steps", "8"],
-                         capture_output=True, text=True, check=True).stdout
-    result = last_json(out)
-    assert result["greedy_match"] == 8 and result["max_abs_diff"] < 1e-3
+# `python -m llmbook` on SmolLM2 runs in chapter 12 (generate --speculate, checked against
+# plain decoding); compare's command line is checked on random checkpoints above
 
 
 @pytest.mark.parametrize("backend", ["tvm", "tflite", "torch-fused"])

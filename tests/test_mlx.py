@@ -20,11 +20,8 @@ def test_random_checkpoints_match_hf(shape, request):
     assert result["greedy_match"] == 20
 
 
-def test_smollm2_matches_hf(smollm2):
-    ids = smollm2.chat_ids("What is the capital of France?")
-    result = compare(get_backend("mlx", smollm2), HFBackend(smollm2), ids, steps=8)
-    assert result["max_abs_diff"] < 1e-3
-    assert result["greedy_match"] == 8
+# SmolLM2 on mlx against transformers: chapter 8 checks it (every exact engine, < 1e-3,
+# 8 of 8 greedy tokens), so it is not run twice here
 
 
 def test_all_positions_match_hf(toy):

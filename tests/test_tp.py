@@ -77,15 +77,7 @@ def test_two_ranks_match_the_reference(toy_tp, toy):
     assert greedy(toy_tp, PROMPT, 8) == greedy(ref, PROMPT, 8)
 
 
-def test_three_ranks_match_the_reference_on_smollm2(smollm2):
-    ids = smollm2.chat_ids("What is the capital of France?")
-    ref = HFBackend(smollm2)
-    engine = TorchTPBackend(smollm2, tp=3)
-    try:
-        assert np.abs(engine.prefill(ids) - ref.prefill(ids)).max() <= 1e-4
-        assert greedy(engine, ids, 8) == greedy(ref, ids, 8)
-    finally:
-        engine.close()
+# SmolLM2 at 3 ranks against the reference (1e-4, greedy tokens): chapter 13, section 3
 
 
 def test_parallelize_module_equals_the_hand_written_split(toy_tp, toy):
