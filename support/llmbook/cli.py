@@ -12,8 +12,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 from . import backends, device
 from .checkpoint import CheckpointError, load_model
 from .engine import PAGE_SIZE, pages_for
@@ -246,9 +244,9 @@ def serve(args) -> int:
     return run(bundle, config, args.host, args.port, args.served_name, args.shutdown_timeout)
 
 
-def speculator(engine, bundle, args, ids):
-    """(drafter, policy, k) for --speculate. The policy turns guessing down, or off, when the
-    guesses measured so far would not pay for their verify calls (chapter 12)."""
+def speculative_tokens(engine, bundle, args, ids, sample, max_tokens, eos):
+    """--speculate's tokens (a generator) and the dict it counts guesses in. The policy turns
+    guessing down, or off, when the guesses so far would not pay for their verify calls."""
     from . import speculative
 
     kind, layers, k = args.speculate
@@ -261,20 +259,14 @@ def speculator(engine, bundle, args, ids):
             raise ValueError(f"--speculate layers:{layers}: {e}") from None
         drafter = speculative.LayersDrafter(
             backends.get_backend(args.backend, small, **engine_options(args)))
-        draft_cost = layers / bundle.config.num_layers  # of a decode step, roughly
+        # a guess costs what its model reads, against a decode step (chapter 12, section 6)
+        draft_cost = drafter.engine.weight_bytes / engine.weight_bytes
     # T(k+1)/T(1) on this machine, now: an engine without a verify call fails here, in one line
     cost = speculative.verify_cost(engine, ids, k)
-    return drafter, speculative.Policy(cost, draft_cost), k
-
-
-def speculative_tokens(engine, bundle, args, ids, sample, max_tokens, eos):
-    """The tokens of --speculate's run, and a line saying how many guesses were kept."""
-    from .speculative import speculative_stream
-
-    drafter, policy, k = speculator(engine, bundle, args, ids)
     stats = {}
-    tokens = speculative_stream(engine, drafter, ids, sample, max_tokens, eos=eos, k=k,
-                                policy=policy, stats=stats)
+    tokens = speculative.speculative_stream(engine, drafter, ids, sample, max_tokens, eos=eos,
+                                            k=k, policy=speculative.Policy(cost, draft_cost),
+                                            stats=stats)
     return tokens, stats
 
 
@@ -336,18 +328,21 @@ def run(args) -> int:
         reference, against = HFBackend(bundle.with_weights(own)), f"hf on {args.backend}'s rounded weights"
         print(f"{args.backend} runs {engine.source}")
     if args.speculate:
-        from .generation import check_context, greedy_run, matching_prefix
         from .sampling import Sampler
 
-        check_context(engine, len(ids), args.steps)
-        first = engine.prefill(ids)  # the prefill logits, as compare() takes them
-        run, stats = speculative_tokens(engine, bundle, args, ids, Sampler(), args.steps, None)
-        tokens = list(run)
-        ref_logits, ref_tokens = greedy_run(reference, ids, args.steps)
-        result = {"backend": engine.name, "max_abs_diff": float(np.max(np.abs(first - ref_logits))),
-                  "greedy_match": matching_prefix(tokens, ref_tokens), "steps": args.steps,
-                  "speculate": ":".join(map(str, args.speculate)).replace(":0:", ":"),
-                  "accepted": stats["accepted"], "proposed": stats["proposed"]}
+        stats = {}
+
+        def speculative_run(backend, ids, steps):
+            first = backend.prefill(ids)  # the prefill logits compare() reports
+            tokens, counts = speculative_tokens(backend, bundle, args, ids, Sampler(), steps, None)
+            tokens = list(tokens)
+            stats.update(counts)
+            return first, tokens
+
+        kind, layers, k = args.speculate
+        result = compare(engine, reference, ids, args.steps, run=speculative_run) | {
+            "speculate": f"ngram:{k}" if kind == "ngram" else f"layers:{layers}:{k}",
+            "accepted": stats["accepted"], "proposed": stats["proposed"]}
     else:
         result = compare(engine, reference, ids, args.steps)
     result |= {"reference": against}

@@ -65,12 +65,14 @@ def greedy_run(backend, ids: list[int], steps: int) -> tuple[np.ndarray, list[in
     return first, tokens
 
 
-def compare(backend, reference, ids: list[int], steps: int = 20) -> dict:
+def compare(backend, reference, ids: list[int], steps: int = 20, run=greedy_run) -> dict:
     """Prefill logits max |difference| and leading greedy tokens equal, backend vs reference.
     `reference` is a backend, or its greedy_run(reference, ids, steps) when several engines are
-    compared with one reference (its run is then computed once)."""
+    compared with one reference (its run is then computed once). `run(backend, ids, steps)`
+    gives the backend's (prefill logits, tokens): greedy decoding, or another way to the same
+    tokens (speculative decoding, `python -m llmbook compare --speculate`)."""
     check_context(backend, len(ids), steps)
-    logits, tokens = greedy_run(backend, ids, steps)
+    logits, tokens = run(backend, ids, steps)
     ref_logits, ref_tokens = reference if isinstance(reference, tuple) else greedy_run(reference, ids, steps)
     if len(ref_tokens) != steps:
         raise ValueError(f"the reference run has {len(ref_tokens)} tokens, not {steps}")

@@ -85,6 +85,28 @@ class StepBackend(BackendBase):
         self.length += len(ids)
         return logits
 
+    # an engine that can score several new tokens in one call and take tokens back out of its
+    # cache (chapter 12) defines both: `_verify(ids)` -> logits [len(ids), vocab], and
+    # `_rollback(n)`; the counting and the checks are here, once
+    _verify = _rollback = None
+
+    def verify(self, ids):
+        if self._verify is None:
+            return super().verify(ids)  # BackendUnavailable, with its reason
+        ids = check_tokens(ids, self.vocab_size, self.length, self.max_context, self.name)
+        logits = self._verify(ids)
+        self.length += len(ids)
+        return logits
+
+    def rollback(self, n: int) -> None:
+        if self._rollback is None:
+            return super().rollback(n)
+        if not 0 <= n <= self.length:
+            raise ValueError(f"{self.name}: cannot take {n} of {self.length} tokens back")
+        if n:
+            self._rollback(n)
+            self.length -= n
+
 
 class RunnerBackend(BackendBase):
     """A backend whose engine-side runner (TVM's, LiteRT's) already speaks prefill/decode for one

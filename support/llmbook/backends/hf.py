@@ -32,20 +32,14 @@ class HFBackend(StepBackend):
         return out.logits[0, -1].float().numpy()
 
     @torch.inference_mode()
-    def verify(self, ids) -> np.ndarray:
+    def _verify(self, ids: list[int]) -> np.ndarray:
         """Several new tokens in one forward pass over the cache; every one's logits
         (chapter 12)."""
-        ids = check_tokens(ids, self.vocab_size, self.length, self.max_context, self.name)
         out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache, use_cache=True)
-        self.length += len(ids)
         return out.logits[0].float().numpy()
 
-    def rollback(self, n: int) -> None:
-        if not 0 <= n <= self.length:
-            raise ValueError(f"{self.name}: cannot take {n} of {self.length} tokens back")
-        if n:
-            self.cache.crop(-n)  # transformers 5: a negative count removes that many
-            self.length -= n
+    def _rollback(self, n: int) -> None:
+        self.cache.crop(-n)  # transformers 5: a negative count removes that many
 
     @torch.inference_mode()
     def text_logits(self, ids) -> np.ndarray:

@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 from ..device import mlx_device
 from ..mlx_llama.convert import hf_to_mlx, load_weights
 from ..mlx_llama.model import Llama
-from . import RoundedWeights, StepBackend, check_tokens, step_weight_bytes
+from . import RoundedWeights, StepBackend, step_weight_bytes
 
 
 class MLXBackend(StepBackend):
@@ -38,21 +38,16 @@ class MLXBackend(StepBackend):
         logits, self.cache = self.model(mx.array([ids]), self.cache)
         return np.array(logits[0, -1])
 
-    def verify(self, ids) -> np.ndarray:
+    def _verify(self, ids: list[int]) -> np.ndarray:
         """Several new tokens in one call, every position's logits (chapter 12). The causal
         mask of `mx.fast.scaled_dot_product_attention` lines the queries up with the last
         keys, so each new token sees the cache and the new tokens before it."""
-        ids = check_tokens(ids, self.vocab_size, self.length, self.max_context, self.name)
         logits, self.cache = self.model(mx.array([ids]), self.cache)
-        self.length += len(ids)
         return np.array(logits[0])
 
-    def rollback(self, n: int) -> None:
-        if not 0 <= n <= self.length:
-            raise ValueError(f"{self.name}: cannot take {n} of {self.length} tokens back")
-        if n:  # each layer's keys and values are [batch, heads, positions, head_dim]
-            self.cache = [(k[:, :, :-n], v[:, :, :-n]) for k, v in self.cache]
-            self.length -= n
+    def _rollback(self, n: int) -> None:
+        # each layer's keys and values are [batch, heads, positions, head_dim]
+        self.cache = [(k[:, :, :-n], v[:, :, :-n]) for k, v in self.cache]
 
 
 class MLXQ4Backend(RoundedWeights, MLXBackend):
