@@ -34,7 +34,8 @@ def test_interface(engine, request):
     # the optional members come from BackendBase, with its defaults where the engine has none
     assert isinstance(engine, Backend) and isinstance(engine, BackendBase)
     assert engine.name == name and isinstance(engine.quantized, bool)
-    assert engine.quantized == (name in ("tflite-int8", "tflite-int4", "tvm-q4", "mlx-q4", "llama.cpp"))
+    assert engine.quantized == (name in ("tflite-int8", "tflite-int4", "tvm-q4", "mlx-q4", "llama.cpp",
+                                         "llama.cpp-q4_0"))
     assert 0 < engine.max_context <= 2048
 
 

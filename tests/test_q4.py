@@ -51,7 +51,7 @@ def test_q4_1_blocks_read_as_llama_cpp_writes_them(tmp_path):
 
 
 @pytest.mark.parametrize("name, kind, message", [
-    ("blk.0.attn_q.weight", gguf.GGMLQuantizationType.Q4_0, "blk.0.attn_q.weight is Q4_0"),
+    ("blk.0.attn_q.weight", gguf.GGMLQuantizationType.Q5_0, "blk.0.attn_q.weight is Q5_0"),
     ("blk.0.ffn_up.weight", gguf.GGMLQuantizationType.Q8_0, "blk.0.ffn_up.weight is Q8_0"),
     ("token_embd.weight", gguf.GGMLQuantizationType.Q4_1, "token_embd.weight is Q4_1"),
     ("rope_freqs.weight", gguf.GGMLQuantizationType.F32, "'rope_freqs.weight' is not part"),

@@ -1,9 +1,9 @@
 # Generated from notebooks/09_4bit.ipynb by `python -m llmbook.export`.
 # Edit the notebook, then re-export; tests/test_export.py checks that the two agree.
 
-"""Block quantization as GGUF stores it: Q4_1 matrices and a Q8_0 embedding,
-read from the file as they are, dequantized, or made from fp32 weights by
-rounding to nearest. Written in notebooks/09_4bit.ipynb."""
+"""Block quantization as GGUF stores it: Q4_1 (or Q4_0) matrices and a Q8_0
+embedding, read from the file as they are, dequantized, or made from fp32
+weights by rounding to nearest. Written in notebooks/09_4bit.ipynb."""
 import dataclasses
 
 import numpy as np
@@ -18,7 +18,8 @@ class Q4Matrix:
     """A [rows, cols] matrix in Q4_1 blocks: weight = scale * q + minimum.
     codes: uint8 [rows, cols/2]; in each group of 32, byte j holds weight j
     (low nibble) and weight j + 16 (high nibble). scale, minimum: float16
-    [rows, cols/32]."""
+    [rows, cols/32]. Q4_0 blocks (weight = scale * (q - 8)) are the same form
+    with minimum = -8 * scale."""
 
     codes: np.ndarray
     scale: np.ndarray
@@ -69,6 +70,20 @@ def q4_1_blocks(raw: np.ndarray) -> Q4Matrix:
     return Q4Matrix(codes, halves[..., 0].copy(), halves[..., 1].copy())
 
 
+def q4_0_blocks(raw: np.ndarray) -> Q4Matrix:
+    """GGUF's Q4_0 bytes, [rows, blocks * 18] uint8. A block: d (fp16), 16
+    code bytes in Q4_1's order; weight = d * (q - 8), Q4_1's form with the
+    minimum -8 d, exact in fp16 (a multiply by a power of two)."""
+    blocks = raw.reshape(raw.shape[0], -1, 18)
+    scale = blocks[..., :2].copy().view(np.float16)[..., 0]
+    codes = blocks[..., 2:].reshape(raw.shape[0], -1).copy()
+    minimum = -8 * scale.astype(np.float32)
+    if np.abs(minimum).max() > np.finfo(np.float16).max:
+        raise CheckpointError("a Q4_0 scale too large for its minimum, -8 "
+                              "times the scale, to fit in fp16")
+    return Q4Matrix(codes, scale, minimum.astype(np.float16))
+
+
 def q8_0_blocks(raw: np.ndarray) -> Q8Matrix:
     """GGUF's Q8_0 bytes, [rows, blocks * 34] uint8. A block: d (fp16),
     32 int8 codes."""
@@ -94,23 +109,26 @@ def halves_order(rows: int, n_head: int) -> np.ndarray:
 def read_gguf(path, cfg) -> dict:
     """Hugging Face name -> Q4Matrix (the layers' matrices), Q8Matrix
     (embedding, head) or fp32 array (norms), from the GGUF's blocks as they
-    are: nothing is re-quantized."""
+    are: nothing is re-quantized. `path` may be a gguf.GGUFReader open on
+    the file."""
     import gguf
 
     kinds = gguf.GGMLQuantizationType
+    four_bits = {kinds.Q4_1: q4_1_blocks, kinds.Q4_0: q4_0_blocks}
+    reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(path)
     out = {}
-    for t in gguf.GGUFReader(path).tensors:
+    for t in reader.tensors:
         name, kind = hf_name(t.name), t.tensor_type
         if name.endswith("norm.weight") and kind == kinds.F32:
             out[name] = np.array(t.data, np.float32)
-        elif name.endswith("_proj.weight") and kind == kinds.Q4_1:
-            out[name] = q4_1_blocks(t.data)
+        elif name.endswith("_proj.weight") and kind in four_bits:
+            out[name] = four_bits[kind](t.data)
         elif name in TABLES and kind == kinds.Q8_0:
             out[name] = q8_0_blocks(t.data)
         else:
             raise CheckpointError(
-                f"GGUF tensor {t.name} is {kind.name}; the 4-bit engine "
-                "reads Q4_1 matrices, a Q8_0 embedding and head, F32 norms")
+                f"GGUF tensor {t.name} is {kind.name}; the 4-bit engine reads "
+                "Q4_1 or Q4_0 matrices, a Q8_0 embedding and head, F32 norms")
     for i in range(cfg.num_layers):
         for proj, n_head in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
             name = f"model.layers.{i}.self_attn.{proj}_proj.weight"
@@ -179,8 +197,15 @@ def four_bit(bundle) -> tuple[dict, str]:
     the GGUF's own blocks when the checkpoint was loaded from one, else its
     fp32 weights rounded to nearest."""
     if bundle.gguf is not None:
-        source = f"the Q4_1 and Q8_0 blocks of {bundle.gguf.name}, as stored"
-        return read_gguf(bundle.gguf, bundle.config), source
+        import gguf
+
+        reader = gguf.GGUFReader(bundle.gguf)
+        blocks = read_gguf(reader, bundle.config)
+        # the file's block types, as read_gguf accepted them: "Q4_1 and Q8_0"
+        types = sorted({t.tensor_type.name for t in reader.tensors} - {"F32"})
+        named = types[-1] if len(types) == 1 else (
+            ", ".join(types[:-1]) + " and " + types[-1])
+        return blocks, f"the {named} blocks of {bundle.gguf.name}, as stored"
     source = ("fp32 weights rounded to nearest: 4-bit matrices, 8-bit "
               "embedding and head, groups of 32")
     return quantize_state_dict(bundle.state_dict), source

@@ -36,6 +36,7 @@ class Entry:
 _TVM = "apache-tvm==0.26.0"
 _LITERT = "litert-torch and ai-edge-litert"
 _MLX = "mlx[cpu] (Linux) or mlx (macOS)"
+_LLAMA_CPP = "llama-cpp-python==0.3.36 (make compiles it)"
 # Modules import lazily: a reader without TVM can still run the MLX backend. LiteRT's engine
 # is ai_edge_litert; litert_torch converts a checkpoint into its file.
 REGISTRY = {
@@ -54,8 +55,11 @@ REGISTRY = {
                          ("ai_edge_litert", "litert_torch"), "tab:olive"),
     "tflite-int4": Entry("llmbook.backends.tflite", "TFLiteInt4Backend", _LITERT,
                          ("ai_edge_litert", "litert_torch"), "tab:brown"),
-    "llama.cpp": Entry("llmbook.backends.llama_cpp", "LlamaCppBackend",
-                       "llama-cpp-python==0.3.36 (make compiles it)", ("llama_cpp",), "tab:red"),
+    "llama.cpp": Entry("llmbook.backends.llama_cpp", "LlamaCppBackend", _LLAMA_CPP, ("llama_cpp",),
+                       "tab:red"),
+    # the same file requantized by llama.cpp to Q4_0, which its repacked x86 kernels cover
+    "llama.cpp-q4_0": Entry("llmbook.backends.llama_cpp", "LlamaCppBackend", _LLAMA_CPP,
+                            ("llama_cpp",), "xkcd:dark red", options={"requantize": "Q4_0"}),
     "torch-tp": Entry("llmbook.backends.torch_tp", "TorchTPBackend", "torch", ("torch",), "xkcd:teal"),
 }
 
