@@ -87,6 +87,17 @@ def test_decode_curve_on_random_checkpoint(toy):
     assert d["tok_s"] == pytest.approx(d["tok_s_median"][-1])
 
 
+def test_chat_prompt_and_curve(smollm2, toy):
+    ids = bench.chat_prompt(smollm2)
+    text = smollm2.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\n" + bench.CHAT_SYSTEM)
+    assert bench.CHAT_USER in text and text.endswith("<|im_start|>assistant\n")
+    assert 90 <= len(ids) <= 120  # about 100 tokens, as the row promises
+    c = bench.chat_curve(HFBackend(toy), bench.chat_prompt(toy), tokens=5, repeats=2)
+    assert c["first_s"]["n"] == c["all_s"]["n"] == 2 and c["tokens"] == 5
+    assert c["first_s"]["max"] < c["all_s"]["max"]
+
+
 def test_text_ids(toy, smollm2):
     ids = bench.text_ids(smollm2, 300)
     assert len(ids) == 300 and smollm2.detokenize(ids[:5]).startswith("Four score")
@@ -100,6 +111,16 @@ def test_run_reports_skipped_and_unknown(toy):
     r = doc["engines"]["hf"]
     assert [p["tokens"] for p in r["prefill"]] == [4, 8] and 0 < r["roofline_fraction"]
     assert r["decode_bytes_per_token"] == roofline.decode_bytes_per_token(toy.config, context=6)
+    # the roof: reads of the step's own bytes, two before each timed decode run (one here)
+    read = r["read"]
+    assert abs(read["bytes"] - r["decode_bytes_per_token"]) < 0.01 * read["bytes"]
+    assert read["n"] == 2 and r["decode_roofline_tok_s"] == pytest.approx(
+        read["best"] * 1e9 / r["decode_bytes_per_token"])
+    assert doc["limits"]["bandwidth_gbs"] == doc["limits"]["read"]["best"]
+    # the chat row: 100 pseudo-ids for a checkpoint without tokenizer, then 64 tokens
+    chat = r["chat"]
+    assert doc["chat_prompt_tokens"] == chat["prompt_tokens"] == 100 and chat["tokens"] == 64
+    assert 0 < chat["first_s"]["median"] < chat["all_s"]["median"] and chat["all_s"]["n"] == 1
     with pytest.raises(ValueError, match="unknown backend"):
         bench.run(toy, ["hf", "onnx"], progress=False)
 

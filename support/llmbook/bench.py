@@ -75,12 +75,17 @@ def prefill_curve(engine, ids: list[int], lengths: list[int], repeats: int = 3, 
     return out
 
 
-def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3) -> dict:
+def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3,
+                 probes: tuple = ()) -> dict:
     """Greedy decode after a prefill of `ids`: the time of every step, `repeats` times (plus one
-    warm-up run). Returns, for each generated length g, the tokens/s over the first g tokens."""
+    warm-up run). Returns, for each generated length g, the tokens/s over the first g tokens.
+    Each of `probes` (roofline.ReadProbe) reads once after every run: the roof is measured
+    taking turns with the engine, under the same neighbours."""
     check_context(engine, len(ids), tokens)
     steps = []
     for run in range(repeats + 1):
+        for probe in probes if run else ():
+            probe(), probe()  # two reads a turn: the first may meet the engine's threads
         token = int(np.argmax(engine.prefill(ids)))
         times = []
         for _ in range(tokens):
@@ -94,6 +99,42 @@ def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3) -> 
     return {"prompt_tokens": len(ids), "generated": list(range(1, tokens + 1)),
             "tok_s_median": np.median(rates, axis=0).tolist(), "tok_s_min": rates.min(0).tolist(),
             "tok_s_max": rates.max(0).tolist(), "tok_s": float(np.median(rates[:, -1])), "n": repeats}
+
+
+# The chat row: what a user of a chat waits for. A system prompt and a question, about 100
+# tokens with the chat template, then a reply of 64 tokens.
+CHAT_SYSTEM = ("You are a patient assistant for engineers who are learning how language models "
+               "run. Answer in plain words, give one short example, and say when you are not sure.")
+CHAT_USER = ("I am reading a book on LLM inference and I run a 135M-parameter model on a laptop "
+             "CPU with two threads. Why does generating each new token take about the same "
+             "time, while reading a long prompt is much faster per token? Explain it in two or "
+             "three sentences.")
+
+
+def chat_prompt(bundle) -> list[int]:
+    """The chat row's prompt as token ids: the checkpoint's own chat template; for a reader's
+    checkpoint without tokenizer, as many pseudo-random ids as SmolLM2's template makes."""
+    if bundle.tokenizer is None:
+        rng = np.random.default_rng(1)
+        return [int(t) for t in rng.integers(0, bundle.config.vocab_size, 100)]
+    return bundle.chat_ids(CHAT_USER, system=CHAT_SYSTEM)
+
+
+def chat_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3) -> dict:
+    """Time to the first token of a chat reply (the prompt's prefill and the first pick) and
+    to `tokens` tokens (greedy, as many as asked: an end-of-turn token does not stop the
+    clock), `repeats` runs on a warm engine, median and spread in seconds."""
+    check_context(engine, len(ids), tokens)
+    first, whole = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        token = int(np.argmax(engine.prefill(ids)))
+        first.append(time.perf_counter() - t)
+        for _ in range(tokens - 1):
+            token = int(np.argmax(engine.decode(token)))
+        whole.append(time.perf_counter() - t)
+    return {"prompt_tokens": len(ids), "tokens": tokens,
+            "first_s": timing.summary(first), "all_s": timing.summary(whole)}
 
 
 def context_curve(engines: dict, ids: list[int], contexts: list[int], tokens: int = 4,
@@ -146,9 +187,15 @@ def weight_bytes(engine) -> int:
 
 def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), decode_tokens: int = 64,
         decode_prompt: int = 32, repeats: int = 3, budget_s: float = 5.0, progress: bool = True,
-        file=sys.stderr, opened: tuple[dict, dict] | None = None) -> dict:
+        file=sys.stderr, opened: tuple[dict, dict] | None = None, chat_tokens: int | None = 64) -> dict:
     """Every engine on the same prompts; a JSON-ready document with the machine's limits.
-    `opened`: (engines, skipped) from open_engines, to time engines already open."""
+    `opened`: (engines, skipped) from open_engines, to time engines already open;
+    `chat_tokens`: the length of the chat row's reply (chat_curve), None for no chat row.
+
+    Each engine's roof is the bandwidth of a read of its own step's bytes (roofline.ReadProbe),
+    taken in turns with its decode runs; the fp32 step's probe reads in every engine's turns
+    too and is the machine's `bandwidth_gbs`. A fraction is against the best read of the run,
+    and each probe's spread is kept beside it."""
     names = list(names or ENGINES)
     unknown = [n for n in names if n not in backends.names()]
     if unknown:
@@ -159,15 +206,27 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
     engines = {n: e for n, e in opened[0].items() if n in names}
     skipped = {n: why for n, why in opened[1].items() if n in names}
     ids = text_ids(bundle, max(max(prompt_lengths), decode_prompt))
+    chat = chat_prompt(bundle) if chat_tokens else []
     cfg = bundle.config
-    # the machine's limits, measured before the engines and again after them: on a shared
-    # machine the bandwidth left to us moved between 32 and 46 GB/s within an hour, and a
-    # roofline is the limit, so each is the better of the two measurements
-    limits = {"bandwidth_gbs": roofline.read_bandwidth_gbs(), "matmul_gflops": roofline.matmul_gflops()}
+    context = decode_prompt + decode_tokens // 2  # mid-way through the timed decode
+    kv = roofline.kv_bytes_per_token(cfg, context)
+    step = {n: weight_bytes(e) + kv for n, e in engines.items()}
+    fp32_step = roofline.weight_bytes_per_token(cfg) + kv
+    # one probe per size: engines whose steps differ by under 1% share one (fp32's several)
+    probes = {}
+
+    def probe_for(nbytes):
+        key = next((k for k in probes if abs(k - nbytes) < 0.01 * k), nbytes)
+        return probes.setdefault(key, roofline.ReadProbe(nbytes, threads))
+
+    reference = probe_for(fp32_step)
+    own = {n: probe_for(b) for n, b in step.items()}
+    limits = {"matmul_gflops": roofline.matmul_gflops()}
     doc = {"model": bundle.name, "threads": threads, "device": device.describe(), "limits": limits,
            "prompt_lengths": list(prompt_lengths), "decode_tokens": decode_tokens, "repeats": repeats,
+           "chat_prompt_tokens": len(chat), "chat_tokens": chat_tokens,
            "skipped": skipped, "engines": {}}
-    bar = tqdm(total=2 * len(engines), desc="bench", unit="run", disable=not progress, file=file)
+    bar = tqdm(total=3 * len(engines), desc="bench", unit="run", disable=not progress, file=file)
     for name, engine in engines.items():
         bar.set_postfix_str(f"{name} prefill")
         pre = prefill_curve(engine, ids, list(prompt_lengths), repeats, budget_s)
@@ -176,19 +235,32 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
         # every decode run prefills the prompt again: an engine over the prefill budget decodes
         # one timed run (after its warm-up), not `repeats`
         slow = any(p.get("over_budget") for p in pre)
-        dec = decode_curve(engine, ids[:decode_prompt], decode_tokens, 1 if slow else repeats)
+        dec = decode_curve(engine, ids[:decode_prompt], decode_tokens, 1 if slow else repeats,
+                           probes=tuple({id(p): p for p in (own[name], reference)}.values()))
         bar.update()
-        w = weight_bytes(engine)
-        context = decode_prompt + decode_tokens // 2
-        step_bytes = w + roofline.kv_bytes_per_token(cfg, context)
-        doc["engines"][name] = {"device": engine.device,
-                                "prefill": pre, "decode": dec, "decode_bytes_per_token": step_bytes}
+        bar.set_postfix_str(f"{name} chat")
+        if not chat_tokens:
+            ttft = {"skipped": "no chat row asked for"}
+        elif slow:  # a 100-token prompt and 64 tokens would take minutes
+            ttft = {"skipped": f"prefill over the {budget_s:.1f} s budget"}
+        elif len(chat) + chat_tokens > engine.max_context:
+            ttft = {"skipped": f"longer than the context of {engine.max_context}"}
+        else:
+            ttft = chat_curve(engine, chat, chat_tokens, repeats)
+        bar.update()
+        doc["engines"][name] = {"device": engine.device, "prefill": pre, "decode": dec,
+                                "chat": ttft, "decode_bytes_per_token": step[name]}
     bar.close()
-    limits["bandwidth_gbs"] = max(limits["bandwidth_gbs"], roofline.read_bandwidth_gbs())
     limits["matmul_gflops"] = max(limits["matmul_gflops"], roofline.matmul_gflops())
-    for r in doc["engines"].values():
-        roof = limits["bandwidth_gbs"] * 1e9 / r["decode_bytes_per_token"]
-        r |= {"decode_roofline_tok_s": roof, "roofline_fraction": r["decode"]["tok_s"] / roof}
+    if not engines:  # nothing ran: the machine's read, once
+        reference()
+    limits["read"] = reference.summary()
+    limits["bandwidth_gbs"] = limits["read"]["best"]
+    for name, r in doc["engines"].items():
+        read = own[name].summary()
+        roof = read["best"] * 1e9 / r["decode_bytes_per_token"]
+        r |= {"read": read, "decode_roofline_tok_s": roof,
+              "roofline_fraction": r["decode"]["tok_s"] / roof}
     return doc
 
 

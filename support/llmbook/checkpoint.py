@@ -228,12 +228,14 @@ class Bundle:
         eos = self.hf_model.config.eos_token_id
         return eos[0] if isinstance(eos, list) else eos
 
-    def chat_ids(self, prompt: str) -> list[int]:
-        """Token ids of a one-turn chat, rendered with the checkpoint's own chat template."""
+    def chat_ids(self, prompt: str, system: str | None = None) -> list[int]:
+        """Token ids of a one-turn chat, rendered with the checkpoint's own chat template,
+        after a system prompt if one is given."""
         if self.tokenizer is None:
             raise CheckpointError(f"{self.path} has no tokenizer; pass token ids instead of text")
+        turns = [{"role": "system", "content": system}] if system is not None else []
         text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            turns + [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
         return self.tokenizer.encode(text, add_special_tokens=False)
 

@@ -2,37 +2,92 @@
 tokens/s can be at most (memory read bandwidth) / (bytes read per token)."""
 from __future__ import annotations
 
+import statistics
 import time
 
 from .checkpoint import LlamaConfig
 
 
-def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 7, threads: int | None = None) -> float:
-    """Measured memory read bandwidth in GB/s: the fastest of `repeats` torch sums over a buffer
-    much larger than any cache, with the thread count the engines use (device.use_threads).
+class ReadProbe:
+    """A read that looks like a decode step's: `nbytes` in `buffers` weight-like matrices, each
+    multiplied by one vector (BLAS's x @ W, the decode matmul), by the engines' thread count.
+    Each call reads every matrix once and returns GB/s; the samples are kept, so that a caller
+    can take turns with the engines and report the spread (llmbook.bench does).
 
-    The fastest, as STREAM reports: other work on a shared machine only slows a run down (a
-    neighbour's memory traffic took the median from 46 to 32 GB/s on the machine that wrote the
-    book), and a roofline is the limit, so the least disturbed run is the nearest to it."""
-    import torch
+    Why these choices, measured on the machines that wrote the book:
+    - the same bytes as the engine's step, not a fixed 1 GB: a CPU with a large last-level
+      cache (480 MB on one of them) serves a 100 MB 4-bit step at twice the rate of a 540 MB
+      fp32 one, so each engine has its own roof;
+    - x @ W rather than a sum: a 2-thread torch sum read 25 GB/s where x @ W read 33 and the
+      fp32 engines themselves 31, and a roof must not sit below what an engine reaches;
+    - several buffers, as a model has several matrices; tests/test_roofline.py checks that
+      this costs under 10% against one plain streaming read of the same bytes."""
 
-    from .device import threads as default_threads
+    def __init__(self, nbytes: int, threads: int | None = None, buffers: int = 8,
+                 cols: int = 1024):
+        import torch
 
-    if megabytes < 512:
-        raise ValueError("use a buffer of at least 512 MB, so caches do not inflate the figure")
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads())
-    try:
-        x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
-        x.sum()  # warm-up: pages touched, threads started
-        rates = []
-        for _ in range(repeats):
+        from .device import threads as default_threads
+
+        if nbytes < buffers * 64:
+            raise ValueError(f"a read probe of {nbytes} bytes is smaller than {buffers} rows "
+                             f"of 16 floats")
+        self.threads = threads or default_threads()
+        cols = min(cols, nbytes // (buffers * 4))  # a small model's step: one row a buffer
+        rows = nbytes // (buffers * cols * 4)
+        # ones, written now: every page is touched before the first timed read
+        self.matrices = [torch.ones(rows, cols) for _ in range(buffers)]
+        self.vector = torch.ones(rows)
+        self.nbytes = buffers * rows * cols * 4
+        self.samples: list[float] = []
+        self()  # warm-up: the threads started, the kernel chosen
+        self.samples.clear()
+
+    def __call__(self) -> float:
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
             t = time.perf_counter()
-            x.sum()
-            rates.append(x.numel() * 4 / (time.perf_counter() - t) / 1e9)
-    finally:
-        torch.set_num_threads(old)
-    return max(rates)
+            for w in self.matrices:
+                self.vector @ w
+            rate = self.nbytes / (time.perf_counter() - t) / 1e9
+        finally:
+            torch.set_num_threads(old)
+        self.samples.append(rate)
+        return rate
+
+    def summary(self) -> dict:
+        """GB/s: the best sample (the roof: other work only slows a read), the median, the
+        slowest, and the spread (slowest / best)."""
+        s = self.samples
+        if not s:
+            raise ValueError("the probe has no samples yet: call it first")
+        return {"bytes": self.nbytes, "best": max(s), "median": statistics.median(s),
+                "min": min(s), "spread": min(s) / max(s), "n": len(s)}
+
+
+def stream_read_gbs(nbytes: int, repeats: int = 7, threads: int | None = None) -> float:
+    """One plain streaming read of `nbytes`: a single buffer, the same kernel, the fastest of
+    `repeats`. What ReadProbe's several buffers are checked against."""
+    probe = ReadProbe(nbytes, threads, buffers=1)
+    for _ in range(repeats):
+        probe()
+    return probe.summary()["best"]
+
+
+def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 7, threads: int | None = None,
+                       nbytes: int | None = None) -> float:
+    """Measured memory read bandwidth in GB/s: ReadProbe over `nbytes` (default `megabytes`
+    MB), the fastest of `repeats` reads, as STREAM reports: other work on a shared machine
+    only slows a read down (a neighbour's memory traffic took the median from 46 to 32 GB/s
+    on the machine that wrote the book), and a roofline is the limit, so the least disturbed
+    read is the nearest to it. Pass a decode step's bytes to get that step's roof."""
+    probe = ReadProbe(nbytes or megabytes * 2**20, threads)
+    for _ in range(repeats):
+        probe()
+    return probe.summary()["best"]
 
 
 def weight_bytes_per_token(cfg: LlamaConfig, dtype_bytes: int = 4) -> int:
