@@ -72,5 +72,8 @@ def test_summary_and_bad_sizes():
     assert s["bytes"] == probe.nbytes and probe.nbytes <= 64 * 2**20
     small = roofline.ReadProbe(4000)  # a toy model's step: 8 rows of 125 floats
     assert small.nbytes == 4000 and small() > 0
+    # a 7B model's fp32 step (28 GB) is read as MAX_BYTES, not allocated again whole
+    big = roofline.ReadProbe(28 * 2**30, threads=1)
+    assert 0.99 * roofline.MAX_BYTES < big.nbytes <= roofline.MAX_BYTES
     with pytest.raises(ValueError, match="smaller than 8 rows"):
         roofline.ReadProbe(500)

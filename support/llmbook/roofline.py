@@ -8,6 +8,9 @@ import time
 from .checkpoint import LlamaConfig
 
 
+MAX_BYTES = 2 * 2**30  # the largest read a probe makes
+
+
 class ReadProbe:
     """A read that looks like a decode step's: `nbytes` in `buffers` weight-like matrices, each
     multiplied by one vector (BLAS's x @ W, the decode matmul), by the engines' thread count.
@@ -21,7 +24,9 @@ class ReadProbe:
     - x @ W rather than a sum: a 2-thread torch sum read 25 GB/s where x @ W read 33 and the
       fp32 engines themselves 31, and a roof must not sit below what an engine reaches;
     - several buffers, as a model has several matrices; tests/test_roofline.py checks that
-      this costs under 10% against one plain streaming read of the same bytes."""
+      this costs under 10% against one plain streaming read of the same bytes;
+    - at most MAX_BYTES: far past the caches the rate no longer depends on the size, and a
+      7B model's fp32 step (28 GB) would need as much memory again."""
 
     def __init__(self, nbytes: int, threads: int | None = None, buffers: int = 8,
                  cols: int = 1024):
@@ -33,6 +38,7 @@ class ReadProbe:
             raise ValueError(f"a read probe of {nbytes} bytes is smaller than {buffers} rows "
                              f"of 16 floats")
         self.threads = threads or default_threads()
+        nbytes = min(nbytes, MAX_BYTES)
         cols = min(cols, nbytes // (buffers * 4))  # a small model's step: one row a buffer
         rows = nbytes // (buffers * cols * 4)
         # ones, written now: every page is touched before the first timed read
