@@ -180,13 +180,13 @@ def bench(args) -> int:
     axes = harness.plot(doc)
     axes[0].figure.savefig(out / "bench.png", dpi=120)
     read = doc["limits"]["read"]
-    print(f"{doc['threads']} threads; read {read['best']:.1f} GB/s at best over an fp32 step's "
-          f"{read['bytes'] / 1e6:.0f} MB (slowest read {read['spread']:.2f} of it)")
+    print(f"read over an fp32 step's {read['bytes'] / 1e6:.0f} MB: {read['best']:.1f} GB/s at best, "
+          f"the lowest read {read['spread']:.2f} of that")
     for name, r in doc["engines"].items():
         pre = ", ".join(f"{p['tokens']}: {p['median_s'] * 1e3:.1f} ms" for p in r["prefill"] if "median_s" in p)
         chat = r["chat"]
         ttft = (chat["skipped"] if "skipped" in chat else
-                f"first token {chat['first_s']['median'] * 1e3:.0f} ms, "
+                f"first token {chat['first_s']['median'] * 1e3:.1f} ms, "
                 f"{doc['chat_tokens']} tokens {chat['all_s']['median']:.2f} s")
         print(f"{name:14s} decode {r['decode']['tok_s']:6.1f} tok/s, {r['roofline_fraction']:.2f} of its roof "
               f"({r['read']['bytes'] / 1e6:.0f} MB read at {r['read']['best']:.1f} GB/s)")
