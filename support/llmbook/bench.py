@@ -79,8 +79,8 @@ def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3,
                  probes: tuple = ()) -> dict:
     """Greedy decode after a prefill of `ids`: the time of every step, `repeats` times (plus one
     warm-up run). Returns, for each generated length g, the tokens/s over the first g tokens.
-    Each of `probes` (roofline.ReadProbe) reads once after every run: the roof is measured
-    taking turns with the engine, under the same neighbours."""
+    Each of `probes` (roofline.ReadProbe) reads twice before every timed run: the roof is
+    measured taking turns with the engine, under the same neighbours."""
     check_context(engine, len(ids), tokens)
     steps = []
     for run in range(repeats + 1):

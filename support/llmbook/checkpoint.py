@@ -292,11 +292,16 @@ def export_gguf(gguf: Path, dest: Path) -> Path:
     return dest
 
 
+def file_key(path: Path, *more: str) -> str:
+    """A short key for what the cache derives from a file: its path, size and time, and `more`."""
+    st = path.stat()
+    parts = [str(path.resolve()), str(st.st_size), str(st.st_mtime_ns), *more]
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:12]
+
+
 def gguf_cache_path(gguf: Path) -> Path:
     """Where a GGUF's fp32 export lives: named by the file, keyed by its path, size and time."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / f"gguf-{gguf.stem}-{key}"
+    return cache_dir() / f"gguf-{gguf.stem}-{file_key(gguf)}"
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:

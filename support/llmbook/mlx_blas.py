@@ -50,7 +50,6 @@ if name == "mlx":
     try:  # the global scope (LD_PRELOAD), where libmlx.so looks first
         fn = lib.cblas_sgemm
     except AttributeError:  # else its own dependencies: the bundled BLAS
-        import mlx.core
         fn = ctypes.CDLL(os.path.join(os.path.dirname(mlx.core.__file__), "lib",
                                       "libmlx.so")).cblas_sgemm
     info = Info()

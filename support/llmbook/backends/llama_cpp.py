@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import io
 import os
 import tempfile
@@ -24,7 +23,7 @@ import llama_cpp  # not installed: get_backend reports it unavailable
 from llama_cpp import Llama, llama_get_logits_ith, llama_model_size
 
 from . import BackendBase, BackendUnavailable
-from ..checkpoint import CheckpointError, cache_dir
+from ..checkpoint import CheckpointError, cache_dir, file_key
 from ..engine import check_tokens
 
 # the kinds `requantized` makes: llama.cpp's file type for each
@@ -42,9 +41,7 @@ def requantized(gguf: Path, kind: str = "Q4_0") -> Path:
     gguf = Path(gguf)
     if not gguf.is_file():
         raise CheckpointError(f"{gguf} is not a file")
-    st = gguf.stat()
-    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{kind}:{llama_cpp.__version__}"
-    dest = cache_dir() / f"{gguf.stem}-as-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gguf"
+    dest = cache_dir() / f"{gguf.stem}-as-{kind}-{file_key(gguf, kind, llama_cpp.__version__)}.gguf"
     if dest.exists():
         return dest
     params = llama_cpp.llama_model_quantize_default_params()
