@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from llmbook import setup_cell
+from llmbook.checkpoint import cache_dir
 from llmbook.export import ROOT
 
 CHAPTER = "05_fused.ipynb"  # reads the shipped text (bench.text_ids) and records timings
@@ -65,7 +66,11 @@ def test_a_chapter_runs_from_the_wheel(tmp_path):
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
          "-w", tmp_path / "dist", src])
     wheel = next((tmp_path / "dist").glob("llmbook-*.whl"))
-    site = tmp_path / "site"
+    # installed afresh, but always at one place: torch.compile's cache keys hold the
+    # compiled code's file paths, and a new directory each run would recompile the
+    # chapter's fused model (over a minute on 2 cores)
+    site = cache_dir() / "colab-site"
+    shutil.rmtree(site, ignore_errors=True)
     run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, wheel])
     assert (site / "llmbook" / "data" / "public_domain.txt").exists()
     assert any((site / "llmbook" / "data" / "results").glob("*.json"))
