@@ -80,15 +80,6 @@ class ReadProbe:
                 "min": min(s), "spread": min(s) / max(s), "n": len(s)}
 
 
-def stream_read_gbs(nbytes: int, repeats: int = 7, threads: int | None = None) -> float:
-    """One plain streaming read of `nbytes`: a single buffer, the same kernel, the fastest of
-    `repeats`. What ReadProbe's several buffers are checked against."""
-    probe = ReadProbe(nbytes, threads, buffers=1)
-    for _ in range(repeats):
-        probe()
-    return probe.summary()["best"]
-
-
 def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 7, threads: int | None = None,
                        nbytes: int | None = None) -> float:
     """Measured memory read bandwidth in GB/s: ReadProbe over `nbytes` (default `megabytes`

@@ -71,10 +71,15 @@ def record_step(runner, token: int) -> list[Call]:
     return calls
 
 
+def kernels(calls: list[Call]) -> list[Call]:
+    """The calls that compute: every call but the VM's bookkeeping."""
+    return [c for c in calls if cause(c.name, c.weight_bytes) != "VM bookkeeping"]
+
+
 def replay(runner, calls: list[Call]) -> list[float]:
     """The step's kernels again, back to back, one token of sequence 0 in the paged
     cache (its keys and values appended, then taken back): seconds of each call."""
-    work = [c for c in calls if cause(c.name, c.weight_bytes) != "VM bookkeeping"]
+    work = kernels(calls)
     runner.kv["begin_forward"](runner.cache, ShapeTuple([0]), ShapeTuple([1]))
     seconds = []
     try:
@@ -96,7 +101,7 @@ def step_profile(runner, token: int, rounds: int = 16) -> dict:
     for _ in range(3):  # warm
         runner.decode(token)
     calls = record_step(runner, token)
-    work = [c for c in calls if cause(c.name, c.weight_bytes) != "VM bookkeeping"]
+    work = kernels(calls)
     plain, replays = [], []
     for _ in range(rounds):
         t = time.perf_counter()
