@@ -1,6 +1,7 @@
 """Chapter 9's block formats (llmbook.quant) and the 4-bit engine's inputs: GGUF blocks read as
 stored, rounding to nearest, and the one-line errors for what the engine does not handle."""
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -123,3 +124,32 @@ def test_quantized_products_equal_numpy(bits):
             np.testing.assert_allclose(
                 y.numpy()[:, :rows], x @ q.dequantize().T, rtol=1e-4, atol=1e-4,
                 err_msg=f"{kernel.attrs['global_symbol']}: {m} tokens")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefetch_changes_no_bit_and_is_emitted(bits):
+    """quant_gemv asks for the next tile's block ahead (chapter 9, "From memory"): the
+    compiled kernel holds prefetch instructions, the one without (ahead=0) none, and both
+    give the same bits, the last tile's prefetch pointing past the matrix included."""
+    import tvm
+
+    from llmbook.tvm_llama.pipeline import cpu_target
+    from llmbook.tvm_llama.q4 import quant_gemv
+
+    rng = np.random.default_rng(6)
+    rows, cols = 40, 96
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    q = quantize_q4(w) if bits == 4 else quantize_q8(w)
+    dev = tvm.cpu()
+    weights = [tvm.runtime.tensor(a, dev) for a in tile_rows(q).values()]
+    x = tvm.runtime.tensor(rng.standard_normal((1, cols)).astype(np.float32), dev)
+    out = {}
+    for ahead in (0, 1):
+        kernel = quant_gemv(rows, cols, bits, ahead).with_attr("global_symbol", "main")
+        built = tvm.compile(tvm.IRModule({"main": kernel}), cpu_target(threads=2))
+        asm = built.mod.inspect_source("asm")
+        # x86 prefetcht0, AArch64 prfm
+        assert (re.search(r"\b(prefetch\w*|prfm)\b", asm) is not None) == (ahead > 0), ahead
+        out[ahead] = tvm.runtime.empty((1, 4 * TILE), "float32", dev)
+        built["main"](x, *weights, out[ahead])
+    assert np.array_equal(out[0].numpy(), out[1].numpy())

@@ -74,6 +74,26 @@ def code(codes: tirx.Buffer, t, b, j, r, high: bool = False) -> tirx.Expr:
     return T.Cast("float32", codes[t, b, j + 16 if high else j, r])
 
 
+def prefetch(buffer: tirx.Buffer, *index) -> tirx.Expr:
+    """Ask the CPU for the cache line that holds buffer[index], and go on
+    without waiting for it (llvm.prefetch: a read, kept in every cache level,
+    data). An address past the buffer's end is harmless: a prefetch never
+    faults."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buffer[index]),
+                              T.int32(0), T.int32(3), T.int32(1))
+
+
+@T.inline
+def fetch_block(codes, scale, minimum, t, b):
+    """Prefetch block b of tile t: its codes (4 code bytes j of 16 rows fill a
+    64-byte line: 4 lines for Q4_1, 8 for Q8_0), its scales and minimums."""
+    for line in T.unroll(codes.shape[2] // 4):
+        T.evaluate(prefetch(codes, t, b, line * 4, 0))
+    T.evaluate(prefetch(scale, t, b, 0))
+    if minimum is not None:
+        T.evaluate(prefetch(minimum, t, b, 0))
+
+
 def with_weights(product, rows: int, cols: int, bits: int, name: str) -> tirx.PrimFunc:
     """A kernel that runs `product(x, codes, scale, minimum, y)` on the tiles
     of a Q4_1 matrix (bits=4: codes, scale, minimum) or of a Q8_0 one (bits=8:
@@ -103,12 +123,14 @@ def with_weights(product, rows: int, cols: int, bits: int, name: str) -> tirx.Pr
 
 
 @functools.cache
-def quant_gemv(rows: int, cols: int, bits: int) -> tirx.PrimFunc:
+def quant_gemv(rows: int, cols: int, bits: int, ahead: int = 1) -> tirx.PrimFunc:
     """y = W x for one token, W in tiles of Q4_1 (bits=4) or Q8_0 (bits=8)
     blocks. Threads take whole tiles. For each block of 32 columns, 16 vector
     steps add q * x for the 16 rows of a tile (columns j and j + 16 in two
     registers), then one step applies the 16 scales. Q4_1's minimums need
-    only the block sums of x: sum(m * x) = m * sum(x)."""
+    only the block sums of x: sum(m * x) = m * sum(x). Meanwhile the same
+    block of the tile `ahead` tiles on is asked for (section 3's "from
+    memory"); ahead=0 asks for nothing."""
     n, g = tiles(rows), cols // GROUP
 
     @T.inline
@@ -135,6 +157,8 @@ def quant_gemv(rows: int, cols: int, bits: int) -> tirx.PrimFunc:
                 for r in T.vectorized(TILE):
                     acc[r] = T.float32(0)
                 for b in range(g):
+                    if ahead > 0:
+                        fetch_block(codes, scale, minimum, vt + ahead, b)
                     for r in T.vectorized(TILE):
                         lo[r] = T.float32(0)
                         hi[r] = T.float32(0)
@@ -151,7 +175,7 @@ def quant_gemv(rows: int, cols: int, bits: int) -> tirx.PrimFunc:
                 for r in T.vectorized(TILE):
                     y[0, vt * TILE + r] = acc[r]
 
-    return with_weights(one_token, rows, cols, bits, "gemv")
+    return with_weights(one_token, rows, cols, bits, f"gemv{ahead}")
 
 
 TOKENS = 16  # tokens a pass of quant_gemm takes: 16 sums in 16 vector registers
@@ -183,6 +207,7 @@ def quant_gemm(rows: int, cols: int, bits: int) -> tirx.PrimFunc:
                 for r in T.vectorized(TILE):
                     acc[s, i, r] = T.float32(0)
             for b in range(g):
+                fetch_block(codes, scale, minimum, vt + 1, b)  # as quant_gemv
                 for r in T.vectorized(TILE):
                     d[0, r] = T.Cast("float32", scale[vt, b, r])
                     if minimum is not None:
