@@ -45,7 +45,7 @@ CONSTANTS = {
         "the fp32 control's threshold that the chapter's assert uses",
     ("08_benchmarks.ipynb", "are 90% top-1 agreement"): "the int8 threshold asserted below it",
     ("08_benchmarks.ipynb", "a perplexity within 5% of fp32's"): "the same assert",
-    ("08_benchmarks.ipynb", "exceeds 1.5 s"): "the budget_s=1.5 that the chapter passes to bench.run",
+    ("08_benchmarks.ipynb", "exceeds 1.0 s"): "the budget_s=1.0 that the chapter passes to bench.run",
     ("devices.md", "more than 1.5× as fast"): "chapter 6's assert on fast-math",
     ("devices.md", "margin is 1.5×"): "the bandwidth bounds' margin in the chapters' asserts",
     ("how_to_run.md", "about 5 minutes"): "how long pip takes to compile llama.cpp (the Makefile)",
