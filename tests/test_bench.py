@@ -85,6 +85,13 @@ def test_decode_curve_on_random_checkpoint(toy):
     assert d["generated"] == list(range(1, 9)) and d["n"] == 2 and d["prompt_tokens"] == 4
     assert all(lo <= med <= hi for lo, med, hi in zip(d["tok_s_min"], d["tok_s_median"], d["tok_s_max"]))
     assert d["tok_s"] == pytest.approx(d["tok_s_median"][-1])
+    # without a warm-up run: one prefill per timed run, and nothing else
+    engine = HFBackend(toy)
+    prefills = []
+    prefill = engine.prefill
+    engine.prefill = lambda ids: prefills.append(ids) or prefill(ids)
+    d = bench.decode_curve(engine, [1, 2, 3, 4], tokens=3, repeats=1, warmup=False)
+    assert d["n"] == 1 and len(prefills) == 1
 
 
 def test_chat_prompt_and_curve(smollm2, toy):

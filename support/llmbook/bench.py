@@ -76,14 +76,16 @@ def prefill_curve(engine, ids: list[int], lengths: list[int], repeats: int = 3, 
 
 
 def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3,
-                 probes: tuple = ()) -> dict:
+                 probes: tuple = (), warmup: bool = True) -> dict:
     """Greedy decode after a prefill of `ids`: the time of every step, `repeats` times (plus one
-    warm-up run). Returns, for each generated length g, the tokens/s over the first g tokens.
-    Each of `probes` (roofline.ReadProbe) reads twice before every timed run: the roof is
-    measured taking turns with the engine, under the same neighbours."""
+    warm-up run unless `warmup` is False: for an engine that has already run, whose runs
+    take seconds). Returns, for each generated length g, the tokens/s over the first g
+    tokens. Each of `probes` (roofline.ReadProbe) reads twice before every timed run: the
+    roof is measured taking turns with the engine, under the same neighbours."""
     check_context(engine, len(ids), tokens)
     steps = []
-    for run in range(repeats + 1):
+    first = 0 if warmup else 1  # run 0 is the warm-up
+    for run in range(first, repeats + 1):
         for probe in probes if run else ():
             probe(), probe()  # two reads a turn: the first may meet the engine's threads
         token = int(np.argmax(engine.prefill(ids)))
@@ -92,7 +94,7 @@ def decode_curve(engine, ids: list[int], tokens: int = 64, repeats: int = 3,
             t = time.perf_counter()
             token = int(np.argmax(engine.decode(token)))
             times.append(time.perf_counter() - t)
-        if run:  # run 0 is the warm-up
+        if run:
             steps.append(times)
     cumulative = np.cumsum(np.asarray(steps), axis=1)  # [repeats, tokens]
     rates = np.arange(1, tokens + 1) / cumulative
@@ -236,10 +238,11 @@ def run(bundle, names: list[str] | None = None, prompt_lengths=(16, 64, 256), de
         bar.update()
         bar.set_postfix_str(f"{name} decode")
         # every decode run prefills the prompt again: an engine over the prefill budget decodes
-        # one timed run (after its warm-up), not `repeats`
+        # one timed run, not `repeats`, and no warm-up run (its prefill runs just warmed it)
         slow = any(p.get("over_budget") for p in pre)
         dec = decode_curve(engine, ids[:decode_prompt], decode_tokens, 1 if slow else repeats,
-                           probes=tuple({id(p): p for p in (own[name], reference)}.values()))
+                           probes=tuple({id(p): p for p in (own[name], reference)}.values()),
+                           warmup=not slow)
         bar.update()
         bar.set_postfix_str(f"{name} chat")
         if not chat_tokens:
