@@ -4,6 +4,7 @@ installed reported as BackendUnavailable, naming what to install, by the registr
 
 A missing package is simulated in a fresh interpreter: `sys.modules[name] = None` makes every
 later `import name` (and `import name.sub`) fail as if it were not installed."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -43,25 +44,60 @@ def test_options_reach_the_class(toy, monkeypatch):
         backends.get_backend("hf", toy, another_option=2)
 
 
+ON_TORCH = [n for n in backends.names() if "torch" in backends.entry(n).imports]
+
+
+@pytest.fixture(scope="module")
+def torch_refusals(toy_dir) -> dict[str, str | None]:
+    """The engines on torch, asked in one fresh interpreter (importing torch takes seconds):
+    the bundle is loaded first (it imports torch and transformers), then for each engine
+    its entry's packages are hidden, the registry is asked, and the modules are put back.
+    What each call raised, as the last line of a traceback would name it (None: nothing)."""
+    script = textwrap.dedent(f"""\
+        import json, sys
+        from llmbook import backends
+        from llmbook.checkpoint import load_model
+        bundle = load_model({str(toy_dir)!r})
+        for name in sys.argv[1:]:
+            kept = dict(sys.modules)
+            for pkg in backends.entry(name).imports:
+                for module in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+                    sys.modules[module] = None
+                sys.modules[pkg] = None
+            try:
+                backends.get_backend(name, bundle)
+                raised = None
+            except Exception as e:  # reported: the test asserts what it is
+                raised = f"{{type(e).__module__}}.{{type(e).__name__}}: {{e}}"
+            for module in [m for m in sys.modules if m not in kept]:
+                del sys.modules[module]
+            sys.modules.update(kept)
+            print(json.dumps([name, raised]))
+    """)
+    run = subprocess.run([sys.executable, "-c", script, *ON_TORCH], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return dict(json.loads(line) for line in run.stdout.splitlines())
+
+
 @pytest.mark.parametrize("name", backends.names())
-def test_a_missing_package_is_backend_unavailable(name, toy_dir):
-    """For an engine on torch, the bundle is loaded first (it imports torch and
-    transformers), then the entry's packages are hidden: the registry must see them missing
-    even once imported. The others are asked with no bundle (the check comes before any
-    use of it), which spares each run importing torch."""
+def test_a_missing_package_is_backend_unavailable(name, toy_dir, request):
+    """For an engine on torch, the registry must see its packages missing even once they are
+    imported (torch_refusals). The others are asked with no bundle (the check comes before
+    any use of it), which spares each run importing torch."""
     e = backends.entry(name)
-    load = ["from llmbook.checkpoint import load_model",
-            f"bundle = load_model({str(toy_dir)!r})"] if "torch" in e.imports else ["bundle = None"]
-    script = "\n".join([
-        *load,
-        HIDE.format(packages=e.imports),
-        "from llmbook import backends",
-        f"backends.get_backend({name!r}, bundle)",
-    ])
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    last = run.stderr.strip().splitlines()[-1]
-    assert run.returncode != 0, run.stdout
-    assert last.startswith("llmbook.engine.BackendUnavailable: "), run.stderr[-2000:]
+    if name in ON_TORCH:
+        last = request.getfixturevalue("torch_refusals")[name]
+    else:
+        script = "\n".join([
+            HIDE.format(packages=e.imports),
+            "from llmbook import backends",
+            f"backends.get_backend({name!r}, None)",
+        ])
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert run.returncode != 0, run.stdout
+        last = run.stderr.strip().splitlines()[-1]
+    assert last and last.startswith("llmbook.engine.BackendUnavailable: "), last
     assert e.needs in last and all(p in last for p in e.imports), last
 
 

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -202,6 +203,49 @@ def test_one_at_a_time_for_an_engine_without_a_batched_decode(toy_dir, toy):
     engine = get_backend("hf", toy)
     assert [[int(t) for t in text.split()] for text, _ in answers] == [
         greedy(engine, p, 5) for p in prompts]
+
+
+def one_group_at_a_time(batches: list[set[int]]) -> bool:
+    """Static batching, seen in the batch at each event: it only shrinks, and a new
+    group holds none of the requests seen before."""
+    seen: set[int] = set()
+    for before, now in zip(batches, batches[1:]):
+        seen |= before
+        if not (now <= before or not now & seen):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_static_batching_admits_a_group_only_when_none_runs(toy, static):
+    """The loop behind `serve --static`, in-process: 7 requests, room for 3, answers of
+    different lengths. Static batching runs groups of 3, 3 and 1, each after the last has
+    ended; continuous batching lets a request in as soon as one leaves. Every answer
+    equals its solo run either way."""
+    from llmbook.server.scheduler import EngineLoop, Job
+    from llmbook.server.text import TextStream
+
+    engine = get_backend("tvm", toy)
+    loop = EngineLoop(engine.batch_runner(3, 1024), max_batch=3, static=static)
+    batches, ended = [], threading.Semaphore(0)
+
+    def emit(event):  # from the loop's thread: who is in the batch now
+        batches.append({j.id for j in [*loop.prefilling, *loop.decoding.values()]})
+        if "done" in event:
+            ended.release()
+
+    prompts = token_prompts(7, toy.config.vocab_size, seed=3)
+    budgets = [4 + 3 * i for i in range(7)]
+    jobs = [loop.submit(Job(p, n, lambda logits: int(np.argmax(logits)),
+                            TextStream(lambda ids: "".join(f"<{i}>" for i in ids)), emit))
+            for p, n in zip(prompts, budgets)]  # all queued before the loop starts
+    loop.start()
+    for _ in jobs:
+        assert ended.acquire(timeout=120)
+    loop.stop()
+    assert one_group_at_a_time(batches) == static
+    assert max(map(len, batches)) == 3
+    assert [j.tokens for j in jobs] == [greedy(engine, p, n) for p, n in zip(prompts, budgets)]
 
 
 # ---- SmolLM2: chat, 4 bits, the prefix cache and chunked prefill ---------------------
