@@ -13,13 +13,15 @@ import pytest
 
 from llmbook import backends
 
-HIDE = textwrap.dedent("""\
+HIDER = textwrap.dedent("""\
     import sys
-    for pkg in {packages!r}:
-        for module in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
-            sys.modules[module] = None
-        sys.modules[pkg] = None
+    def hide(packages):
+        for pkg in packages:
+            for module in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
+                sys.modules[module] = None
+            sys.modules[pkg] = None
 """)
+HIDE = HIDER + "hide({packages!r})\n"
 
 
 def test_every_entry_names_its_class_and_colour():
@@ -53,17 +55,14 @@ def torch_refusals(toy_dir) -> dict[str, str | None]:
     the bundle is loaded first (it imports torch and transformers), then for each engine
     its entry's packages are hidden, the registry is asked, and the modules are put back.
     What each call raised, as the last line of a traceback would name it (None: nothing)."""
-    script = textwrap.dedent(f"""\
-        import json, sys
+    script = HIDER + textwrap.dedent(f"""\
+        import json
         from llmbook import backends
         from llmbook.checkpoint import load_model
         bundle = load_model({str(toy_dir)!r})
         for name in sys.argv[1:]:
             kept = dict(sys.modules)
-            for pkg in backends.entry(name).imports:
-                for module in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
-                    sys.modules[module] = None
-                sys.modules[pkg] = None
+            hide(backends.entry(name).imports)
             try:
                 backends.get_backend(name, bundle)
                 raised = None

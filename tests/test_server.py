@@ -240,9 +240,11 @@ def test_static_batching_admits_a_group_only_when_none_runs(toy, static):
                             TextStream(lambda ids: "".join(f"<{i}>" for i in ids)), emit))
             for p, n in zip(prompts, budgets)]  # all queued before the loop starts
     loop.start()
-    for _ in jobs:
-        assert ended.acquire(timeout=120)
-    loop.stop()
+    try:
+        for _ in jobs:
+            assert ended.acquire(timeout=120)
+    finally:
+        loop.stop()
     assert one_group_at_a_time(batches) == static
     assert max(map(len, batches)) == 3
     assert [j.tokens for j in jobs] == [greedy(engine, p, n) for p, n in zip(prompts, budgets)]
